@@ -1,0 +1,1 @@
+"""Checkpoints: orbax save/restore and a PyTorch `.pt` reader that executes no pickled code."""

@@ -1,0 +1,1 @@
+"""Migration and parity façades that speak the original projects' vocabulary."""

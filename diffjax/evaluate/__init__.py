@@ -1,0 +1,1 @@
+"""Evaluation: Inception features, FID / sFID / IS / precision-recall, bits/dim."""
