@@ -11,10 +11,14 @@ from __future__ import annotations
 
 import functools
 
+import flax.struct
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffjax import diffusion as D
+from diffjax import guidance as G
+from diffjax import samplers as SM
 from diffjax import schedules as S
 from diffjax.diffusion import (  # noqa: F401  (GD's free functions, same names and semantics)
     approx_standard_normal_cdf,
@@ -23,6 +27,26 @@ from diffjax.diffusion import (  # noqa: F401  (GD's free functions, same names 
     normal_kl,
 )
 from diffjax.schedules import get_named_beta_schedule, space_timesteps  # noqa: F401
+
+
+@flax.struct.dataclass
+class _CondFn(G.Transform):
+    """GD's cond_fn(x, t, **model_kwargs) -> scaled gradient, as a guidance transform."""
+
+    cond_fn: object = flax.struct.field(pytree_node=False)
+
+    def grad(self, x, t, model_kwargs):
+        return self.cond_fn(x, t, **model_kwargs)
+
+
+@flax.struct.dataclass
+class _DenoisedFn(G.Transform):
+    """GD's denoised_fn(pred_xstart) -> pred_xstart, as a guidance transform."""
+
+    denoised_fn: object = flax.struct.field(pytree_node=False)
+
+    def denoised(self, x0):
+        return self.denoised_fn(x0)
 
 
 class GaussianDiffusion:
@@ -74,6 +98,15 @@ class GaussianDiffusion:
             )
         return value
 
+    def _context(self, model_fn, clip_denoised, denoised_fn, cond_fn, model_kwargs):
+        hooks = G.chain(
+            _CondFn(cond_fn) if cond_fn is not None else None,
+            _DenoisedFn(denoised_fn) if denoised_fn is not None else None,
+        )
+        return SM.Context(schedule=self.schedule, model_kwargs=dict(model_kwargs or {}),
+                          clip_denoised=clip_denoised, guidance=hooks, config=self.config,
+                          model_fn=model_fn)
+
     # -- forward process -----------------------------------------------------------------------
     def q_mean_variance(self, x_start, t):
         return D.q_mean_variance(self.schedule, x_start, t)
@@ -98,6 +131,87 @@ class GaussianDiffusion:
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
         return D.predict_eps_from_xstart(self.schedule, x_t, t, pred_xstart)
+
+    def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+        gradient = cond_fn(x, D.model_timesteps(self.schedule, self.config, t), **(model_kwargs or {}))
+        return G.condition_mean(p_mean_var, gradient)
+
+    def condition_score(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
+        gradient = cond_fn(x, D.model_timesteps(self.schedule, self.config, t), **(model_kwargs or {}))
+        return G.condition_score(self.schedule, p_mean_var, x, t, gradient)
+
+    # -- sampling ------------------------------------------------------------------------------
+    def _step(self, sampler, model_fn, x, t, clip_denoised, denoised_fn, cond_fn, model_kwargs,
+              noise):
+        ctx = self._context(model_fn, clip_denoised, denoised_fn, cond_fn, model_kwargs)
+        sample, _, pred_xstart = sampler.step(ctx, sampler.init(x), x, t, None, noise)
+        return {"sample": sample, "pred_xstart": pred_xstart}
+
+    def p_sample(self, model_fn, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
+                 model_kwargs=None, *, noise):
+        """x_{t-1} ~ p(x_{t-1} | x_t) with the given standard-normal `noise` (GD's randn_like)."""
+        return self._step(SM.DDPM(), model_fn, x, t, clip_denoised, denoised_fn, cond_fn,
+                          model_kwargs, noise)
+
+    def ddim_sample(self, model_fn, x, t, clip_denoised=True, denoised_fn=None, cond_fn=None,
+                    model_kwargs=None, eta=0.0, *, noise=None):
+        if noise is None:
+            noise = jnp.zeros_like(x) if isinstance(eta, (int, float)) and eta == 0 else \
+                self._need(None, "noise", "standard normal noise for eta > 0")
+        return self._step(SM.DDIM(eta=eta), model_fn, x, t, clip_denoised, denoised_fn, cond_fn,
+                          model_kwargs, noise)
+
+    def ddim_reverse_sample(self, model_fn, x, t, clip_denoised=True, denoised_fn=None,
+                            model_kwargs=None, eta=0.0):
+        if not (isinstance(eta, (int, float)) and eta == 0):
+            raise ValueError(f"ddim_reverse_sample is deterministic: eta must be 0.0, got {eta!r}")
+        ctx = self._context(model_fn, clip_denoised, denoised_fn, None, model_kwargs)
+        sample, pred_xstart = SM.ddim_reverse_step(ctx, x, t)
+        return {"sample": sample, "pred_xstart": pred_xstart}
+
+    def _loop(self, sampler, model_fn, shape, noise, clip_denoised, denoised_fn, cond_fn,
+              model_kwargs, progress, key, step_noise, deterministic, intermediates):
+        shape = tuple(shape)
+        if key is None and (noise is None or (step_noise is None and not deterministic)):
+            self._need(None, "key", "a jax.random key (or noise= and step_noise=)")
+        key = jax.random.PRNGKey(0) if key is None else key  # unused when fully determined
+        key_x, key_loop = jax.random.split(key)
+        x_T = jax.random.normal(key_x, shape, jnp.float32) if noise is None else noise
+        if x_T.shape != shape:
+            raise ValueError(f"noise has shape {x_T.shape}, expected shape={shape}")
+        ctx = self._context(model_fn, clip_denoised, denoised_fn, cond_fn, model_kwargs)
+        out = SM.sample_loop(ctx, sampler, x_T, key_loop, step_noise=step_noise,
+                             progress=progress, intermediates=intermediates)
+        return out
+
+    def p_sample_loop(self, model_fn, shape, noise=None, clip_denoised=True, denoised_fn=None,
+                      cond_fn=None, model_kwargs=None, progress=False, *, key=None,
+                      step_noise=None):
+        """Ancestral sampling from x_T = noise (or drawn from key) down to x_0. Per-step noise:
+        step_noise[i] at the i-th step (i = 0 is t = T-1), or drawn from key."""
+        return self._loop(SM.DDPM(), model_fn, shape, noise, clip_denoised, denoised_fn, cond_fn,
+                          model_kwargs, progress, key, step_noise, False, False)
+
+    def p_sample_loop_progressive(self, model_fn, shape, noise=None, clip_denoised=True,
+                                  denoised_fn=None, cond_fn=None, model_kwargs=None,
+                                  progress=False, *, key=None, step_noise=None):
+        """Per-step {"sample", "pred_xstart"} stacked on a leading axis [T, ...]."""
+        return self._loop(SM.DDPM(), model_fn, shape, noise, clip_denoised, denoised_fn, cond_fn,
+                          model_kwargs, progress, key, step_noise, False, True)[1]
+
+    def ddim_sample_loop(self, model_fn, shape, noise=None, clip_denoised=True, denoised_fn=None,
+                         cond_fn=None, model_kwargs=None, progress=False, eta=0.0, *, key=None,
+                         step_noise=None):
+        deterministic = isinstance(eta, (int, float)) and eta == 0
+        return self._loop(SM.DDIM(eta=eta), model_fn, shape, noise, clip_denoised, denoised_fn,
+                          cond_fn, model_kwargs, progress, key, step_noise, deterministic, False)
+
+    def ddim_sample_loop_progressive(self, model_fn, shape, noise=None, clip_denoised=True,
+                                     denoised_fn=None, cond_fn=None, model_kwargs=None,
+                                     progress=False, eta=0.0, *, key=None, step_noise=None):
+        deterministic = isinstance(eta, (int, float)) and eta == 0
+        return self._loop(SM.DDIM(eta=eta), model_fn, shape, noise, clip_denoised, denoised_fn,
+                          cond_fn, model_kwargs, progress, key, step_noise, deterministic, True)[1]
 
     # -- losses --------------------------------------------------------------------------------
     def training_losses(self, model_fn, x_start, t, model_kwargs=None, noise=None):

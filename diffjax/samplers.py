@@ -1,0 +1,392 @@
+"""Samplers: one step signature, one `lax.scan` loop, one jit for the whole loop.
+
+Noise levels are the (respaced) schedule indices: x at level i has alpha-bar `abar_i`; level -1 is
+the data (abar = 1). A sampler step takes x from level t to t - 1:
+
+    x_next, state, pred_xstart = sampler.step(ctx, state, x, t, key, noise)
+
+where `ctx` (a `Context`) carries the schedule, the diffusion config, the model and the guidance,
+`state` is the sampler's own carry (the previous x0 prediction for multistep solvers) and `noise`
+is an optional override of the noise the step would draw from `key` (for parity with stored noise).
+
+Samplers are pytrees: numeric settings such as DDIM's eta are traced, so changing them does not
+recompile. Guidance transforms (`diffjax.guidance`) plug into every sampler: score gradients enter
+through `denoise(..., mode)`, projections after each step through the loop.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffjax import diffusion as D
+from diffjax import guidance as G
+from diffjax.schedules import Schedule
+
+
+@flax.struct.dataclass
+class Context:
+    """What a step needs besides x. model_fn(x, t_model, **model_kwargs) -> model output."""
+
+    schedule: Schedule
+    model_kwargs: dict
+    clip_denoised: Any
+    guidance: G.Transform
+    config: D.DiffusionConfig = flax.struct.field(pytree_node=False)
+    model_fn: Callable = flax.struct.field(pytree_node=False)
+
+
+def denoise(ctx: Context, x, t, mode: str = "score") -> dict:
+    """p_mean_variance at respaced timesteps t [B] with the guidance applied: the model wrapped
+    (classifier-free), x0 projected (denoised), and the score gradient applied as GD's
+    condition_mean (mode="mean": the ancestral sampler) or condition_score (mode="score": DDIM and
+    the ODE solvers). Returns dict of mean, variance, log_variance, pred_xstart."""
+    sched, cfg = ctx.schedule, ctx.config
+    t_model = D.model_timesteps(sched, cfg, t)
+    output = ctx.guidance.wrap_model(ctx.model_fn)(x, t_model, **ctx.model_kwargs)
+    out = D.p_mean_variance(sched, cfg, output, x, t, clip_denoised=ctx.clip_denoised,
+                            denoised_fn=ctx.guidance.denoised)
+    gradient = ctx.guidance.grad(x, t_model, ctx.model_kwargs)
+    if gradient is None:
+        return out
+    if mode == "mean":
+        return dict(out, mean=G.condition_mean(out, gradient))
+    return G.condition_score(sched, out, x, t, gradient)
+
+
+def _batch_t(x, t):
+    """Timesteps as [B] int32: a scalar t (the loop) or per-example t (GD's single steps)."""
+    return jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
+
+
+def _nonzero(tb, x):
+    """[B, 1, ..., 1] float mask of t != 0 (no noise is added at the last step)."""
+    return (tb != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def _noise(key, x, noise):
+    return jax.random.normal(key, x.shape, x.dtype) if noise is None else noise
+
+
+class Sampler:
+    """Base: stateless samplers carry an empty dict."""
+
+    name = "sampler"
+    evaluations_per_step = 1
+
+    def init(self, x):
+        return {}
+
+
+@flax.struct.dataclass
+class DDPM(Sampler):
+    """Ancestral sampling (Ho et al. 2020, Alg. 2): x_{t-1} = mu(x_t, t) + sigma_t z, no noise at
+    the last step; classifier guidance shifts mu by Sigma g (GD's p_sample)."""
+
+    name = "ddpm"
+
+    def step(self, ctx, state, x, t, key, noise=None):
+        tb = _batch_t(x, t)
+        out = denoise(ctx, x, tb, mode="mean")
+        z = _noise(key, x, noise)
+        sample = out["mean"] + _nonzero(tb, x) * jnp.exp(0.5 * out["log_variance"]) * z
+        return sample, state, out["pred_xstart"]
+
+
+@flax.struct.dataclass
+class DDIM(Sampler):
+    """DDIM (Song et al. 2021, eq. 12): x_{t-1} = sqrt(abar_{t-1}) x0 + sqrt(1 - abar_{t-1} -
+    sigma^2) eps + sigma z with sigma = eta sqrt((1 - abar_{t-1}) / (1 - abar_t))
+    sqrt(1 - abar_t / abar_{t-1}); eta = 0 is deterministic, eta = 1 ancestral-like (GD's ddim_sample).
+    eps is re-derived from the (clipped) x0 prediction."""
+
+    eta: Any = 0.0
+    name = "ddim"
+
+    def step(self, ctx, state, x, t, key, noise=None):
+        sched = ctx.schedule
+        tb = _batch_t(x, t)
+        out = denoise(ctx, x, tb, mode="score")
+        eps = D.predict_eps_from_xstart(sched, x, tb, out["pred_xstart"])
+        abar = D.extract(sched.alphas_cumprod, tb, x.ndim)
+        abar_prev = D.extract(sched.alphas_cumprod_prev, tb, x.ndim)
+        sigma = (self.eta * jnp.sqrt((1 - abar_prev) / (1 - abar))
+                 * jnp.sqrt(1 - abar / abar_prev))
+        mean = out["pred_xstart"] * jnp.sqrt(abar_prev) + jnp.sqrt(1 - abar_prev - sigma**2) * eps
+        sample = mean + _nonzero(tb, x) * sigma * _noise(key, x, noise)
+        return sample, state, out["pred_xstart"]
+
+
+@flax.struct.dataclass
+class DPMSolverPP2M(Sampler):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), the multistep second-order solver of the
+    diffusion ODE in data prediction, on the discrete schedule. With alpha_t = sqrt(abar_t),
+    sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t), h_i = lambda_{t_i} - lambda_{t_{i-1}}:
+
+        x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i,
+        D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2},  r_i = h_{i-1} / h_i,
+
+    with D = x0_{i-1} (first order) at the first step and at the final step to the data (sigma = 0,
+    where it returns the x0 prediction). Classifier guidance enters as GD's condition_score."""
+
+    name = "dpm++2m"
+
+    def init(self, x):
+        per_example = (x.shape[0],) + (1,) * (x.ndim - 1)
+        return {"x0": jnp.zeros_like(x), "h": jnp.zeros(per_example, x.dtype),
+                "count": jnp.zeros((), jnp.int32)}
+
+    def step(self, ctx, state, x, t, key, noise=None):
+        sched = ctx.schedule
+        tb = _batch_t(x, t)
+        x0 = denoise(ctx, x, tb, mode="score")["pred_xstart"]
+        abar = D.extract(sched.alphas_cumprod, tb, x.ndim)
+        abar_next = D.extract(sched.alphas_cumprod_prev, tb, x.ndim)
+        alpha_next, sigma, sigma_next = jnp.sqrt(abar_next), jnp.sqrt(1 - abar), jnp.sqrt(1 - abar_next)
+        # lambda = log(alpha / sigma) = 0.5 log(abar / (1 - abar)); +inf at the data (t == 0).
+        lam = 0.5 * (jnp.log(abar) - jnp.log1p(-abar))
+        lam_next = 0.5 * (jnp.log(abar_next) - jnp.log1p(-abar_next))
+        h = lam_next - lam
+        second = (state["count"] > 0) & (_nonzero(tb, x) > 0)
+        r = jnp.where(second, state["h"] / jnp.where(second, h, 1.0), 1.0)
+        d = jnp.where(second, (1 + 0.5 / r) * x0 - (0.5 / r) * state["x0"], x0)
+        sample = (sigma_next / sigma) * x - alpha_next * jnp.expm1(-h) * d
+        return sample, {"x0": x0, "h": h, "count": state["count"] + 1}, x0
+
+
+@flax.struct.dataclass
+class Heun(Sampler):
+    """Heun's second-order method (Karras et al. 2022, Alg. 1 with S_churn = 0) on the discrete
+    schedule. In the variance-exploding variables x~ = x / sqrt(abar), s_t = sqrt((1 - abar_t) /
+    abar_t) the probability-flow ODE is dx~/ds = (x~ - D(x~; s)) / s, D the x0 prediction:
+
+        d = (x~_t - D_t) / s_t,  x~' = x~_t + (s_{t-1} - s_t) d,
+        x~_{t-1} = x~_t + (s_{t-1} - s_t) (d + d') / 2,  d' = (x~' - D(x~'; s_{t-1})) / s_{t-1},
+
+    an Euler step (to the x0 prediction) at the last step, where s = 0. Two model evaluations per
+    step but the last."""
+
+    name = "heun"
+    evaluations_per_step = 2
+
+    def step(self, ctx, state, x, t, key, noise=None):
+        sched = ctx.schedule
+        tb = _batch_t(x, t)
+        abar = D.extract(sched.alphas_cumprod, tb, x.ndim)
+        abar_next = D.extract(sched.alphas_cumprod_prev, tb, x.ndim)
+        s, s_next = jnp.sqrt((1 - abar) / abar), jnp.sqrt((1 - abar_next) / abar_next)
+        x0 = denoise(ctx, x, tb, mode="score")["pred_xstart"]
+        xv = x / jnp.sqrt(abar)
+        d = (xv - x0) / s
+        euler = xv + (s_next - s) * d
+        more = _nonzero(tb, x) > 0
+
+        def correct(_):
+            x_mid = euler * jnp.sqrt(abar_next)
+            x0_mid = denoise(ctx, x_mid, jnp.maximum(tb - 1, 0), mode="score")["pred_xstart"]
+            d_mid = (euler - x0_mid) / jnp.where(more, s_next, 1.0)
+            return jnp.where(more, xv + (s_next - s) * 0.5 * (d + d_mid), euler)
+
+        # The last step (to the data, s = 0) is Euler only: skip the second model call there.
+        xv_next = jax.lax.cond(jnp.any(tb > 0), correct, lambda _: euler, None)
+        return xv_next * jnp.sqrt(abar_next), state, x0
+
+
+SAMPLERS = {"ddpm": DDPM, "ddim": DDIM, "dpm++2m": DPMSolverPP2M, "heun": Heun}
+
+
+def get_sampler(sampler: str | Sampler, **kwargs) -> Sampler:
+    """A sampler instance from its name ("ddpm", "ddim", "dpm++2m", "heun") or itself."""
+    if isinstance(sampler, Sampler):
+        return sampler
+    if sampler not in SAMPLERS:
+        raise ValueError(
+            f"unknown sampler {sampler!r}: choose one of {', '.join(map(repr, SAMPLERS))}"
+        )
+    return SAMPLERS[sampler](**kwargs)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def default_levels(num_timesteps: int) -> np.ndarray:
+    """[T, 2] (from, to) pairs T-1 -> T-2 -> ... -> 0 -> -1 (the data)."""
+    start = np.arange(num_timesteps - 1, -1, -1, dtype=np.int32)
+    return np.stack([start, start - 1], axis=1)
+
+
+class _Progress:
+    """A tqdm bar driven from inside a compiled loop through jax.debug.callback."""
+
+    def __init__(self, total: int, desc: str):
+        self.total, self.desc, self.bar = total, desc, None
+
+    def __call__(self, step):
+        from tqdm.auto import tqdm
+
+        if self.bar is None:  # a new run of the compiled loop
+            self.bar = tqdm(total=self.total, desc=self.desc, leave=True)
+        self.bar.update(1)
+        if self.bar.n >= self.total:
+            self.bar.close()
+            self.bar = None
+
+
+def sample_loop(
+    ctx: Context,
+    sampler: Sampler,
+    x_T,
+    key,
+    *,
+    step_noise=None,
+    progress: bool = False,
+    intermediates: bool = False,
+):
+    """Run `sampler` from x_T [B, ...] at level T-1 down to the data, as one lax.scan (jit the
+    caller). The walk over levels comes from the guidance (RePaint) or is the plain descent; a
+    forward step (to = from + 1) draws x_{l+1} ~ N(sqrt(1 - beta_{l+1}) x_l, beta_{l+1} I) and
+    restarts a multistep sampler's history. `step_noise` [S, B, ...] replaces the noise drawn by
+    step s. Returns x_0, or (x_0, {"sample": [S, B, ...], "pred_xstart": [S, B, ...]})."""
+    sched = ctx.schedule
+    walk = ctx.guidance.levels(sched.num_timesteps)
+    has_jumps = walk is not None
+    walk = default_levels(sched.num_timesteps) if walk is None else walk
+    num_steps = walk.shape[0]
+    if step_noise is not None and step_noise.shape[:1] != (num_steps,):
+        raise ValueError(
+            f"step_noise has {step_noise.shape[0]} steps; this loop takes {num_steps} "
+            f"(shape [{num_steps}, *x.shape])"
+        )
+    bar = _Progress(num_steps, f"{getattr(sampler, 'name', 'sampling')} x{num_steps}") if progress else None
+
+    def down(x, state, frm, to, key, noise):
+        k_step, k_post = jax.random.split(key)
+        x_next, state, pred = sampler.step(ctx, state, x, frm, k_step, noise)
+        return ctx.guidance.post_step(x_next, to, k_post, sched), state, pred
+
+    def up(x, state, frm, to, key, noise):
+        beta = sched.betas[to]
+        z = jax.random.normal(key, x.shape, x.dtype)
+        return jnp.sqrt(1 - beta) * x + jnp.sqrt(beta) * z, sampler.init(x), jnp.zeros_like(x)
+
+    def body(carry, inputs):
+        x, state = carry
+        index, frm, to, key, noise = inputs
+        if has_jumps:
+            x, state, pred = jax.lax.cond(to > frm, up, down, x, state, frm, to, key, noise)
+        else:
+            x, state, pred = down(x, state, frm, to, key, noise)
+        if bar is not None:
+            jax.debug.callback(bar, index)
+        return (x, state), ((x, pred) if intermediates else None)
+
+    walk = jnp.asarray(walk)
+    inputs = (jnp.arange(num_steps), walk[:, 0], walk[:, 1], jax.random.split(key, num_steps),
+              step_noise)
+    (x, _), history = jax.lax.scan(body, (x_T, sampler.init(x_T)), inputs)
+    if intermediates:
+        return x, {"sample": history[0], "pred_xstart": history[1]}
+    return x
+
+
+def ddim_reverse_step(ctx: Context, x, t):
+    """x_{t+1} from x_t along the deterministic DDIM path (GD's ddim_reverse_sample): x0 and eps
+    at t, then x_{t+1} = sqrt(abar_{t+1}) x0 + sqrt(1 - abar_{t+1}) eps. Returns (x_{t+1}, x0)."""
+    sched = ctx.schedule
+    tb = _batch_t(x, t)
+    out = denoise(ctx, x, tb, mode="score")
+    eps = D.predict_eps_from_xstart(sched, x, tb, out["pred_xstart"])
+    abar_next = D.extract(sched.alphas_cumprod_next, tb, x.ndim)
+    return out["pred_xstart"] * jnp.sqrt(abar_next) + jnp.sqrt(1 - abar_next) * eps, out["pred_xstart"]
+
+
+def ddim_invert(ctx: Context, x0, *, progress: bool = False):
+    """DDIM inversion: encode data x0 [B, ...] to its latent at level T-1 by running the
+    deterministic DDIM path forwards (levels 0 -> T-1; T - 1 model calls)."""
+    num = ctx.schedule.num_timesteps
+    bar = _Progress(num - 1, "ddim inversion") if progress and num > 1 else None
+
+    def body(x, t):
+        x_next, _ = ddim_reverse_step(ctx, x, t)
+        if bar is not None:
+            jax.debug.callback(bar, t)
+        return x_next, None
+
+    x, _ = jax.lax.scan(body, x0, jnp.arange(num - 1))
+    return x
+
+
+# --------------------------------------------------------------------------- the notebook API
+
+
+def _as_model_fn(apply, variables):
+    if variables is None:
+        return apply
+    if hasattr(apply, "apply"):
+        return lambda x, t, **kw: apply.apply(variables, x, t, **kw)
+    return lambda x, t, **kw: apply(variables, x, t, **kw)
+
+
+def _data_sharding(batch: int):
+    """Shard the batch over every device when there are several and it divides evenly."""
+    devices = jax.devices()
+    if len(devices) < 2 or batch % len(devices):
+        return None
+    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+
+def _sample_impl(key, variables, schedule, sampler, guidance, model_kwargs, clip_denoised, x_T,
+                 *, apply, shape, config, progress, intermediates):
+    key_x, key_loop = jax.random.split(key)
+    x = jax.random.normal(key_x, shape, jnp.float32) if x_T is None else x_T
+    sharding = _data_sharding(shape[0])
+    if sharding is not None:
+        x = jax.lax.with_sharding_constraint(x, sharding)
+    ctx = Context(schedule=schedule, model_kwargs=model_kwargs, clip_denoised=clip_denoised,
+                  guidance=guidance, config=config, model_fn=_as_model_fn(apply, variables))
+    return sample_loop(ctx, sampler, x, key_loop, progress=progress, intermediates=intermediates)
+
+
+_sample_jit = jax.jit(
+    _sample_impl, static_argnames=("apply", "shape", "config", "progress", "intermediates")
+)
+
+
+def sample(
+    key,
+    model,
+    schedule: Schedule,
+    shape,
+    *,
+    sampler: str | Sampler = "ddim",
+    guidance: G.Transform | None = None,
+    config: D.DiffusionConfig | None = None,
+    model_kwargs: dict | None = None,
+    clip_denoised=True,
+    x_T=None,
+    progress: bool = False,
+    return_intermediates: bool = False,
+):
+    """Draw samples [*shape] (NHWC) with one jit-compiled loop.
+
+    model: `(module_or_apply_fn, variables)` — called as `module.apply(variables, x, t, **kw)` or
+        `apply_fn(variables, x, t, **kw)` — or a plain `model_fn(x, t, **kw)`; t is the original
+        timestep. Prefer the pair: its variables are traced, while a plain function is a static
+        argument (a new closure each call recompiles).
+    sampler: "ddpm" | "ddim" | "dpm++2m" | "heun" or an instance (e.g. `DDIM(eta=0.5)`).
+    guidance: a `diffjax.guidance` transform or chain; scales, masks, references are traced.
+    model_kwargs: conditioning arrays with a leading batch dim (e.g. {"y": labels}).
+    The batch is sharded across all devices when there are several and it divides evenly.
+    """
+    apply, variables = model if isinstance(model, tuple) else (model, None)
+    config = config or D.DiffusionConfig()
+    return _sample_jit(
+        key, variables, schedule, get_sampler(sampler), guidance or G.chain(),
+        model_kwargs or {}, jnp.asarray(clip_denoised), x_T,
+        apply=apply, shape=tuple(shape), config=config, progress=progress,
+        intermediates=return_intermediates,
+    )
