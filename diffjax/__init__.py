@@ -7,3 +7,5 @@ openai/guided-diffusion's vocabulary on top of that core.
 """
 
 __version__ = "0.1.0"
+
+from diffjax import sample  # noqa: E402,F401  (a callable module: diffjax.sample(key, model, ...))

@@ -22,6 +22,7 @@ pixels two projections both touch, the later one wins); at most one transform ma
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 import flax.struct
@@ -78,17 +79,27 @@ def classifier(logits_fn: Callable, scale=1.0, label_key: str = "y") -> Energy:
     with log p = log_softmax(logits_fn(x_t, t)) at the labels `model_kwargs[label_key]`.
     `logits_fn(x, t) -> [B, num_classes]`, e.g. `lambda x, t: clf.apply(clf_vars, x, t)`."""
 
-    def log_prob(x, t, **model_kwargs):
-        if label_key not in model_kwargs:
-            raise ValueError(
-                f"classifier guidance needs the labels in model_kwargs[{label_key!r}]; got keys "
-                f"{sorted(model_kwargs)}"
-            )
-        logp = jax.nn.log_softmax(logits_fn(x, t).astype(jnp.float32), axis=-1)
-        labels = model_kwargs[label_key]
-        return jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return Energy(scale=jnp.asarray(scale, jnp.float32),
+                  log_density_fn=_LabelLogProb(logits_fn, label_key))
 
-    return Energy(scale=jnp.asarray(scale, jnp.float32), log_density_fn=log_prob)
+
+@dataclasses.dataclass(frozen=True)
+class _LabelLogProb:
+    """log_softmax(logits_fn(x, t))[y]; a value-compared callable, so that rebuilding the same
+    guidance for a new scale does not look like a new static function to jit."""
+
+    logits_fn: Callable
+    label_key: str
+
+    def __call__(self, x, t, **model_kwargs):
+        if self.label_key not in model_kwargs:
+            raise ValueError(
+                f"classifier guidance needs the labels in model_kwargs[{self.label_key!r}]; got "
+                f"keys {sorted(model_kwargs)}"
+            )
+        logp = jax.nn.log_softmax(self.logits_fn(x, t).astype(jnp.float32), axis=-1)
+        labels = model_kwargs[self.label_key].astype(jnp.int32)
+        return jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
 
 
 def condition_mean(p_mean_var: dict, gradient) -> jnp.ndarray:
