@@ -110,12 +110,15 @@ def condition_mean(p_mean_var: dict, gradient) -> jnp.ndarray:
 def condition_score(sched: Schedule, p_mean_var: dict, x, t, gradient) -> dict:
     """p_mean_var with the noise prediction shifted by the gradient: eps' = eps - sqrt(1-abar_t) g,
     pred_xstart and mean re-derived from eps' (no re-clipping), variance unchanged (GD's
-    condition_score)."""
+    condition_score).
+
+    GD converts pred_xstart to eps and back; that round trip multiplies float32 rounding by
+    sqrt(1/abar_t) (~2e4 at the last cosine step) even when g = 0. Its closed form,
+    x0' = x0 + (1 - abar_t) / sqrt(abar_t) g, is the same number without that noise, so a zero
+    gradient leaves the prediction untouched."""
     alpha_bar = D.extract(sched.alphas_cumprod, t, x.ndim)
-    eps = D.predict_eps_from_xstart(sched, x, t, p_mean_var["pred_xstart"])
-    eps = eps - jnp.sqrt(1 - alpha_bar) * gradient
     out = dict(p_mean_var)
-    out["pred_xstart"] = D.predict_xstart_from_eps(sched, x, t, eps)
+    out["pred_xstart"] = p_mean_var["pred_xstart"] + (1 - alpha_bar) / jnp.sqrt(alpha_bar) * gradient
     out["mean"] = D.q_posterior_mean_variance(sched, out["pred_xstart"], x, t)[0]
     return out
 
