@@ -8,4 +8,12 @@ openai/guided-diffusion's vocabulary on top of that core.
 
 __version__ = "0.1.0"
 
-from diffjax import sample  # noqa: E402,F401  (a callable module: diffjax.sample(key, model, ...))
+
+def __getattr__(name):
+    # `diffjax.sample` is a callable module (the notebook function and the CLI); imported lazily so
+    # that `python -m diffjax.sample` does not find it imported already.
+    if name == "sample":
+        import importlib
+
+        return importlib.import_module("diffjax.sample")
+    raise AttributeError(f"module 'diffjax' has no attribute {name!r}")

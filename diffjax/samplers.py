@@ -337,21 +337,23 @@ def _as_model_fn(apply, variables):
 
 
 def _data_sharding(batch: int):
-    """Shard the batch over every device when there are several and it divides evenly."""
+    """(batch sharding, replicated sharding) over every device when there are several and the
+    batch divides evenly; None otherwise."""
     devices = jax.devices()
     if len(devices) < 2 or batch % len(devices):
         return None
     mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    P = jax.sharding.PartitionSpec
+    return jax.sharding.NamedSharding(mesh, P("data")), jax.sharding.NamedSharding(mesh, P())
 
 
 def _sample_impl(key, variables, schedule, sampler, guidance, model_kwargs, clip_denoised, x_T,
                  *, apply, shape, config, progress, intermediates):
     key_x, key_loop = jax.random.split(key)
     x = jax.random.normal(key_x, shape, jnp.float32) if x_T is None else x_T
-    sharding = _data_sharding(shape[0])
-    if sharding is not None:
-        x = jax.lax.with_sharding_constraint(x, sharding)
+    shardings = _data_sharding(shape[0])
+    if shardings is not None:
+        x = jax.lax.with_sharding_constraint(x, shardings[0])
     ctx = Context(schedule=schedule, model_kwargs=model_kwargs, clip_denoised=clip_denoised,
                   guidance=guidance, config=config, model_fn=_as_model_fn(apply, variables))
     return sample_loop(ctx, sampler, x, key_loop, progress=progress, intermediates=intermediates)
@@ -390,9 +392,16 @@ def sample(
     """
     apply, variables = model if isinstance(model, tuple) else (model, None)
     config = config or D.DiffusionConfig()
-    return _sample_jit(
-        key, variables, schedule, get_sampler(sampler), guidance or G.chain(),
-        model_kwargs or {}, jnp.asarray(clip_denoised), x_T,
-        apply=apply, shape=tuple(shape), config=config, progress=progress,
-        intermediates=return_intermediates,
-    )
+    traced = (key, variables, schedule, get_sampler(sampler), guidance or G.chain(),
+              model_kwargs or {}, jnp.asarray(clip_denoised), x_T)
+    shardings = _data_sharding(shape[0])
+    if shardings is not None:
+        # Inputs committed to one device (e.g. restored weights) must join the mesh: replicate
+        # them (a no-op for arrays already there), and split the batch-major ones.
+        batch_sharded, replicated = shardings
+        *traced, x_T = jax.device_put(traced, replicated)
+        traced[5] = jax.device_put(traced[5], batch_sharded)
+        x_T = x_T if x_T is None else jax.device_put(x_T, batch_sharded)
+        traced = (*traced, x_T)
+    return _sample_jit(*traced, apply=apply, shape=tuple(shape), config=config,
+                       progress=progress, intermediates=return_intermediates)
