@@ -139,13 +139,14 @@ def q_posterior_mean_variance(sched: Schedule, x_start, x_t, t):
 # --------------------------------------------------------------------------- parameterisations
 
 
+def _difference(t, a, x, b, y):
+    """a[t] x - b[t] y for tables a, b [T]: the shape of every parameterisation change."""
+    return extract(a, t, x.ndim) * x - extract(b, t, x.ndim) * y
+
+
 def predict_xstart_from_eps(sched: Schedule, x_t, t, eps):
     """x_0 = sqrt(1/abar_t) x_t - sqrt(1/abar_t - 1) eps."""
-    nd = x_t.ndim
-    return (
-        extract(sched.sqrt_recip_alphas_cumprod, t, nd) * x_t
-        - extract(sched.sqrt_recipm1_alphas_cumprod, t, nd) * eps
-    )
+    return _difference(t, sched.sqrt_recip_alphas_cumprod, x_t, sched.sqrt_recipm1_alphas_cumprod, eps)
 
 
 def predict_eps_from_xstart(sched: Schedule, x_t, t, pred_xstart):
@@ -158,30 +159,20 @@ def predict_eps_from_xstart(sched: Schedule, x_t, t, pred_xstart):
 
 def predict_xstart_from_xprev(sched: Schedule, x_t, t, xprev):
     """x_0 = (x_{t-1} - coef2 x_t) / coef1, inverting the posterior mean."""
-    nd = x_t.ndim
-    return (
-        extract(sched.recip_posterior_mean_coef1, t, nd) * xprev
-        - extract(sched.posterior_mean_coef2_over_coef1, t, nd) * x_t
-    )
+    return _difference(t, sched.recip_posterior_mean_coef1, xprev,
+                       sched.posterior_mean_coef2_over_coef1, x_t)
 
 
 def predict_xstart_from_v(sched: Schedule, x_t, t, v):
     """x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v (Salimans & Ho 2022, v = sqrt(abar) eps -
     sqrt(1 - abar) x_0)."""
-    nd = x_t.ndim
-    return (
-        extract(sched.sqrt_alphas_cumprod, t, nd) * x_t
-        - extract(sched.sqrt_one_minus_alphas_cumprod, t, nd) * v
-    )
+    return _difference(t, sched.sqrt_alphas_cumprod, x_t, sched.sqrt_one_minus_alphas_cumprod, v)
 
 
 def v_target(sched: Schedule, x_start, t, noise):
     """v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0."""
-    nd = x_start.ndim
-    return (
-        extract(sched.sqrt_alphas_cumprod, t, nd) * noise
-        - extract(sched.sqrt_one_minus_alphas_cumprod, t, nd) * x_start
-    )
+    return _difference(t, sched.sqrt_alphas_cumprod, noise, sched.sqrt_one_minus_alphas_cumprod,
+                       x_start)
 
 
 def split_model_output(config: DiffusionConfig, model_output, x):
