@@ -1,0 +1,370 @@
+"""Models: parity with guided-diffusion's PyTorch outputs, the released checkpoints' state-dict
+layouts, and the behaviour of the options (bf16, remat, dropout, errors).
+
+Truth comes from outside the implementation: the golden vectors of ../shared/parity (made by the
+original code), the state-dict key/shape lists of ../shared/presets (made by the original factories),
+and closed forms read off the reference code (bilinear interpolation, pooling-head layouts).
+"""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffjax.compat.gd_models import (
+    build, create_classifier, create_model, load_state_dict, sr_create_model, state_dict_shapes,
+    variables_to_state_dict)
+from diffjax.models import GroupNorm32, qkv_attention, resize_bilinear_torch, timestep_embedding
+from tests._util import PRESETS, nchw_to_nhwc, rel_err
+
+PARITY_TOL = 1e-5
+MODEL_FILES = ["unet_cond32", "unet_uncond32", "classifier32"]
+
+
+def _model_and_vars(g, **overrides):
+    module = build(g.config["model_class"], **{**g.config["model_kwargs"], **overrides})
+    return module, load_state_dict(module, g.state_dict())
+
+
+def _inputs(g):
+    x = jnp.asarray(nchw_to_nhwc(g["in.x"]))
+    t = jnp.asarray(g["in.t"])
+    kw = {"y": jnp.asarray(g["in.y"])} if g.config["model_kwargs"].get("num_classes") else {}
+    return x, t, kw
+
+
+def _forward(module, variables, g):
+    x, t, kw = _inputs(g)
+    return np.asarray(jax.jit(lambda v, x, t, kw: module.apply(v, x, t, **kw))(variables, x, t, kw))
+
+
+@pytest.fixture(scope="module")
+def cond32(golden):
+    g = golden("unet_cond32")
+    module, variables = _model_and_vars(g)
+    return g, module, variables
+
+
+# --- golden parity ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dim", [32, 7])
+def test_timestep_embedding_matches_reference(golden, dim):
+    g = golden("diffusion")
+    got = timestep_embedding(jnp.asarray(g["fn.timestep_embedding.t"]), dim)
+    assert got.dtype == jnp.float32
+    assert rel_err(got, g[f"fn.timestep_embedding.dim{dim}"]) <= 1e-4
+    if dim % 2:
+        assert np.all(np.asarray(got)[:, -1] == 0)
+
+
+@pytest.mark.parametrize("name", MODEL_FILES)
+def test_forward_matches_reference(golden, name):
+    g = golden(name)
+    module, variables = _model_and_vars(g)
+    assert list(state_dict_shapes(module)) == g.config["state_dict_keys"]
+    err = rel_err(_forward(module, variables, g), nchw_to_nhwc(g["out"]))
+    assert err <= PARITY_TOL, f"{name}: rel err {err:.2e}"
+
+
+def test_classifier_guidance_gradient_matches_reference(golden):
+    """out.grad = d/dx sum_i log_softmax(classifier(x, t))[i, y_i] (GD's cond_fn at scale 1)."""
+    g = golden("classifier32")
+    module, variables = _model_and_vars(g)
+    x, t, _ = _inputs(g)
+    y = jnp.asarray(g["in.y"])
+
+    def log_prob(x):
+        logp = jax.nn.log_softmax(module.apply(variables, x, t), axis=-1)
+        return jnp.take_along_axis(logp, y[:, None], axis=-1).sum()
+
+    grad = jax.jit(jax.grad(log_prob))(x)
+    err = rel_err(grad, nchw_to_nhwc(g["out.grad"]))
+    assert err <= PARITY_TOL, f"rel err {err:.2e}"
+
+
+def test_pt_file_loads_like_npz(golden, parity_dir):
+    pytest.importorskip("diffjax.checkpoints.torch_pt")
+    g = golden("unet_cond32")
+    module = build(g.config["model_class"], **g.config["model_kwargs"])
+    variables = load_state_dict(module, parity_dir / "pt" / "unet_cond32.pt")
+    assert rel_err(_forward(module, variables, g), nchw_to_nhwc(g["out"])) <= PARITY_TOL
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_attention_head_orders(legacy):
+    """QKVAttentionLegacy splits the qkv channels as (heads, q/k/v, c), QKVAttention as
+    (q/k/v, heads, c); each head is softmax(q k^T / sqrt(c)) v (GD's unet.py), here in float64."""
+    b, t, heads, c = 2, 5, 3, 4
+    qkv = np.random.default_rng(0).normal(size=(b, t, 3 * heads * c))
+    split = qkv.reshape(b, t, heads, 3, c) if legacy else qkv.reshape(b, t, 3, heads, c).swapaxes(2, 3)
+    want = np.zeros((b, t, heads, c))
+    for i in range(b):
+        for h in range(heads):
+            q, k, v = split[i, :, h, 0], split[i, :, h, 1], split[i, :, h, 2]
+            w = np.exp(q @ k.T / np.sqrt(c))
+            want[i, :, h] = (w / w.sum(-1, keepdims=True)) @ v
+    got = qkv_attention(jnp.asarray(qkv, jnp.float32), heads, legacy=legacy)
+    np.testing.assert_allclose(got, want.reshape(b, t, heads * c), rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_statistics_stay_float32_under_bfloat16():
+    """A large common offset breaks bfloat16 sums (8-bit mantissa); float32 statistics of the same
+    bfloat16 input match a float64 GroupNorm up to the bfloat16 rounding of the output."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(100.0 + rng.normal(size=(2, 8, 8, 64)), jnp.bfloat16)
+    variables = GroupNorm32().init(jax.random.key(0), x)
+    got = GroupNorm32().apply(variables, x)
+    assert got.dtype == jnp.bfloat16
+    g = np.asarray(x, np.float64).reshape(2, 8, 8, 32, 2)
+    want = (g - g.mean((1, 2, 4), keepdims=True)) / np.sqrt(g.var((1, 2, 4), keepdims=True) + 1e-5)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want.reshape(2, 8, 8, 64), atol=2e-2)
+
+
+# --- factories and presets ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["unet_cond32", "unet_uncond32"])
+def test_create_model_builds_the_reference_constructor_kwargs(golden, name):
+    """create_model flags -> exactly the constructor kwargs the reference recorded (the golden
+    configs patched NUM_CLASSES to 10). The classifier presets below cover create_classifier."""
+    cfg = golden(name).config
+    module = create_model(**cfg["factory_kwargs"], num_classes=10)
+    for key, want in cfg["model_kwargs"].items():
+        if key != "use_fp16":
+            assert getattr(module, key) == (tuple(want) if isinstance(want, list) else want), key
+
+
+def _preset_files():
+    return sorted(PRESETS.glob("*.json")) if PRESETS.exists() else []
+
+
+def _expected_tensors(preset):
+    return [(k, tuple(shape)) for k, shape, _ in preset["state_dict"]["tensors"]]
+
+
+@pytest.mark.parametrize("path", _preset_files(), ids=lambda p: p.stem)
+def test_preset_state_dict_layout(path):
+    """Each released checkpoint's key/shape list, from its constructor kwargs and from its factory."""
+    preset = json.loads(path.read_text())
+    want = _expected_tensors(preset)
+    module = build(preset["constructor"]["class"], **preset["constructor"]["kwargs"])
+    assert list(state_dict_shapes(module).items()) == want
+
+    factory = preset["factory"]["function"].rsplit(".", 1)[-1]
+    kwargs = preset["factory"]["kwargs"]
+    if factory.startswith("sr_"):
+        module = sr_create_model(**kwargs)
+    elif "classifier" in factory:
+        module = create_classifier(**kwargs)
+    else:
+        module = create_model(**kwargs)
+    assert list(state_dict_shapes(module).items()) == want
+
+
+def test_presets_present(presets_dir):
+    assert len(list(presets_dir.glob("*.json"))) >= 23
+
+
+# --- state dict mapping ------------------------------------------------------------------------
+
+class _CountingMapping(dict):
+    """A state dict that counts value accesses (a lazy .pt reader reads a tensor per access)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.reads = {}
+
+    def __getitem__(self, key):
+        self.reads[key] = self.reads.get(key, 0) + 1
+        return super().__getitem__(key)
+
+    def items(self):  # values must be read through __getitem__ only
+        raise AssertionError("load_state_dict must not call items()")
+
+    def values(self):
+        raise AssertionError("load_state_dict must not call values()")
+
+
+def test_load_reads_each_value_once_and_round_trips(golden):
+    g = golden("classifier32")
+    sd = g.state_dict()
+    module = build(g.config["model_class"], **g.config["model_kwargs"])
+    counting = _CountingMapping(sd)
+    variables = load_state_dict(module, counting)
+    assert counting.reads == {k: 1 for k in sd}
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(variables))
+    back = variables_to_state_dict(module, variables)
+    assert list(back) == list(sd)
+    for k in sd:
+        np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+
+
+def test_load_lists_every_problem_in_one_error(golden):
+    g = golden("unet_cond32")
+    sd = dict(g.state_dict())
+    module = build(g.config["model_class"], **g.config["model_kwargs"])
+    del sd["input_blocks.1.0.in_layers.2.weight"]
+    del sd["out.2.bias"]
+    sd["module.extra.weight"] = np.zeros(3, np.float32)
+    sd["time_embed.0.weight"] = np.zeros((64, 16), np.float32)
+    with pytest.raises(ValueError) as info:
+        load_state_dict(module, sd)
+    msg = str(info.value)
+    assert "2 missing, 1 unexpected, 1 mis-shaped" in msg
+    for needle in ["missing: input_blocks.1.0.in_layers.2.weight [32, 32, 3, 3]",
+                   "missing: out.2.bias [6]", "unexpected: module.extra.weight",
+                   "time_embed.0.weight: checkpoint [64, 16], model [128, 32]"]:
+        assert needle in msg
+
+
+# --- options: bf16, remat, dropout ---------------------------------------------------------------
+
+def test_bf16_keeps_float32_params_and_tracks_float32(cond32):
+    g, module, variables = cond32
+    fp16 = build(g.config["model_class"], **{**g.config["model_kwargs"], "use_fp16": True})
+    assert fp16.dtype == jnp.bfloat16
+    shapes32 = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.example_inputs()[0],
+                                                  **module.example_inputs()[1]))
+    shapes16 = jax.eval_shape(lambda: fp16.init(jax.random.key(0), *fp16.example_inputs()[0],
+                                                **fp16.example_inputs()[1]))
+    assert jax.tree_util.tree_structure(shapes16) == jax.tree_util.tree_structure(shapes32)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(shapes16))
+    out = _forward(fp16, variables, g)
+    assert out.dtype == np.float32
+    # bfloat16 has an 8-bit mantissa: a few 1e-3 relative through a 20-layer network.
+    assert rel_err(out, nchw_to_nhwc(g["out"])) <= 5e-2
+
+
+def test_remat_gives_the_same_outputs_and_gradients(golden):
+    g = golden("classifier32")
+    module, variables = _model_and_vars(g, use_checkpoint=True)
+    x, t, _ = _inputs(g)
+    y = jnp.asarray(g["in.y"])
+    assert rel_err(_forward(module, variables, g), g["out"]) <= PARITY_TOL
+
+    def log_prob(x):
+        logp = jax.nn.log_softmax(module.apply(variables, x, t), axis=-1)
+        return jnp.take_along_axis(logp, y[:, None], axis=-1).sum()
+
+    assert rel_err(jax.jit(jax.grad(log_prob))(x), nchw_to_nhwc(g["out.grad"])) <= PARITY_TOL
+
+
+def test_dropout_only_in_train_mode_and_needs_the_rng(golden):
+    g = golden("unet_uncond32")
+    module, variables = _model_and_vars(g, dropout=0.3)
+    want = nchw_to_nhwc(g["out"])
+    assert rel_err(_forward(module, variables, g), want) <= PARITY_TOL  # eval: dropout is a no-op
+    x, t, _ = _inputs(g)
+    with pytest.raises(Exception, match="dropout"):
+        module.apply(variables, x, t, train=True)
+    train = jax.jit(lambda key: module.apply(variables, x, t, train=True, rngs={"dropout": key}))
+    a, b, a2 = train(jax.random.key(1)), train(jax.random.key(2)), train(jax.random.key(1))
+    assert rel_err(a, want) > 1e-3 and rel_err(a, b) > 1e-3
+    np.testing.assert_array_equal(a, a2)
+
+
+# --- super-resolution, pools -------------------------------------------------------------------
+
+def test_bilinear_resize_matches_torch_closed_form():
+    """F.interpolate(mode='bilinear', align_corners=False) of [[0, 1], [2, 3]] to 4x4: per axis the
+    source coordinate (d + 0.5) / 2 - 0.5 clamped at 0 gives weights [0, .25, .75, 1]."""
+    x = jnp.asarray([[0.0, 1.0], [2.0, 3.0]])[None, :, :, None]
+    r = np.array([0.0, 0.25, 0.75, 1.0])
+    want = 2 * r[:, None] + r[None, :]
+    np.testing.assert_allclose(np.asarray(resize_bilinear_torch(x, (4, 4)))[0, :, :, 0], want, atol=1e-7)
+    # 3 -> 2 (no antialiasing): src = (d + 0.5) * 1.5 - 0.5 = 0.25, 1.75
+    y = jnp.asarray([0.0, 10.0, 20.0])[None, :, None, None]
+    np.testing.assert_allclose(np.asarray(resize_bilinear_torch(y, (2, 1)))[0, :, 0, 0], [2.5, 17.5])
+
+
+def _random_variables(module, seed=0):
+    """Random weights through the state-dict path (cheaper than compiling `init`)."""
+    rng = np.random.default_rng(seed)
+    sd = {k: rng.normal(0, 0.2, shape).astype(np.float32) for k, shape in state_dict_shapes(module).items()}
+    return load_state_dict(module, sd)
+
+
+def test_super_res_model_conditions_on_low_res():
+    module = build("SuperResModel", image_size=16, in_channels=3, model_channels=32, out_channels=6,
+                   num_res_blocks=1, attention_resolutions=(), channel_mult=(1,), num_heads=2)
+    assert state_dict_shapes(module)["input_blocks.0.0.weight"] == (32, 6, 3, 3)  # x + low_res
+    variables = _random_variables(module)
+    x, t = jnp.ones((2, 16, 16, 3)), jnp.array([3, 500])
+    low = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
+    apply = jax.jit(lambda low: module.apply(variables, x, t, low_res=low))
+    out1, out2 = apply(low), apply(low * 2)
+    assert out1.shape == (2, 16, 16, 6) and not np.allclose(out1, out2)
+    with pytest.raises(ValueError, match="low_res"):
+        module.apply(variables, x, t)
+
+
+@pytest.mark.parametrize("pool, head", [
+    ("adaptive", [("out.0.weight", (64,)), ("out.0.bias", (64,)), ("out.3.weight", (10, 64, 1, 1)),
+                  ("out.3.bias", (10,))]),
+    # spatial features: conv 32 + res 32 + down 32 + res 64 + middle 64 = 224 channels
+    ("spatial", [("out.0.weight", (2048, 224)), ("out.0.bias", (2048,)),
+                 ("out.2.weight", (10, 2048)), ("out.2.bias", (10,))]),
+    ("spatial_v2", [("out.0.weight", (2048, 224)), ("out.0.bias", (2048,)), ("out.1.weight", (2048,)),
+                    ("out.1.bias", (2048,)), ("out.3.weight", (10, 2048)), ("out.3.bias", (10,))]),
+    ("attention", [("out.0.weight", (64,)), ("out.0.bias", (64,)),
+                   ("out.2.positional_embedding", (64, 17)), ("out.2.qkv_proj.weight", (192, 64, 1)),
+                   ("out.2.qkv_proj.bias", (192,)), ("out.2.c_proj.weight", (10, 64, 1)),
+                   ("out.2.c_proj.bias", (10,))]),
+])
+def test_encoder_pools(pool, head):
+    module = build("EncoderUNetModel", image_size=8, in_channels=3, model_channels=32, out_channels=10,
+                   num_res_blocks=1, attention_resolutions=(2,), channel_mult=(1, 2),
+                   num_head_channels=32, resblock_updown=True, pool=pool)
+    shapes = state_dict_shapes(module)
+    assert [(k, v) for k, v in shapes.items() if k.startswith("out.")] == head
+    x, t = jnp.zeros((2, 8, 8, 3)), jnp.array([1, 900])
+    logits = jax.eval_shape(lambda: module.apply(module.init(jax.random.key(1), x, t), x, t))
+    assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+
+
+# --- errors --------------------------------------------------------------------------------------
+
+_SMALL = dict(image_size=32, in_channels=3, model_channels=32, out_channels=3, num_res_blocks=1,
+              attention_resolutions=(2,), channel_mult=(1, 2))
+
+
+@pytest.mark.parametrize("model_class, overrides, match", [
+    ("UNetModel", dict(attention_resolutions=(3,)), r"\[3\].*choose from \[1, 2\]"),
+    ("UNetModel", dict(dims=3), "dims=3.*use dims=2"),
+    ("UNetModel", dict(num_heads=3), "num_heads=3 does not divide the 64 channels"),
+    ("UNetModel", dict(num_head_channels=48), "num_head_channels=48"),
+    ("UNetModel", dict(channel_mult=(1, 1.5)), "48 channels at level 1.*divisible by 32"),
+    ("UNetModel", dict(dropout=1.0), "dropout=1.0"),
+    ("UNetModel", dict(dtype=jnp.int8), "dtype=int8"),
+    ("UNetModel", dict(learn_sigma=True), r"no constructor argument\(s\) \['learn_sigma'\]"),
+    ("EncoderUNetModel", dict(pool="max"), "pool='max'.*adaptive"),
+    ("EncoderUNetModel", dict(pool="attention"), "num_head_channels"),
+    ("Transformer", {}, "model_class='Transformer'"),
+])
+def test_bad_constructor_values_are_named(model_class, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        build(model_class, **{**_SMALL, **overrides})
+
+
+@pytest.mark.parametrize("factory, flags, match", [
+    (create_model, dict(image_size=64, num_channels=64, num_res_blocks=1, attention_resolutions="24"),
+     "attention_resolutions=24 is not a resolution of a 64x64 model.*choose from 64, 32, 16, 8"),
+    (create_model, dict(image_size=48, num_channels=64, num_res_blocks=1),
+     "unsupported image size: 48"),
+    (create_model, dict(image_size=64, num_channels=64, num_res_blocks=1, num_chanels=3),
+     r"unknown flag\(s\) \['num_chanels'\]"),
+    (create_classifier, dict(image_size=32), "unsupported image size: 32"),
+    (sr_create_model, dict(large_size=128), "unsupported large size: 128"),
+])
+def test_bad_factory_flags_are_named(factory, flags, match):
+    with pytest.raises(ValueError, match=match):
+        factory(**flags)
+
+
+def test_wrong_inputs_are_named(cond32):
+    g, module, variables = cond32
+    x, t, kw = _inputs(g)
+    with pytest.raises(ValueError, match="class labels"):
+        module.apply(variables, x, t)
+    with pytest.raises(ValueError, match="NHWC"):
+        module.apply(variables, jnp.moveaxis(x, -1, 1), t, **kw)
