@@ -40,22 +40,14 @@ def load_config(spec: str):
 
 
 def diffusion_from_config(config, respacing: str | None = None):
-    """The compat GaussianDiffusion of a preset's `diffusion` flags (create_model_and_diffusion's
-    names), optionally with another timestep respacing."""
+    """The compat GaussianDiffusion of a preset's `diffusion` flags, optionally respaced anew."""
     from diffjax.compat import guided_diffusion as gd
+    from diffjax.compat.gd_presets import diffusion_kwargs
 
-    flags = dict(config.diffusion)
-    return gd.create_gaussian_diffusion(
-        steps=flags.get("diffusion_steps", 1000),
-        learn_sigma=flags.get("learn_sigma", False),
-        sigma_small=flags.get("sigma_small", False),
-        noise_schedule=flags.get("noise_schedule", "linear"),
-        use_kl=flags.get("use_kl", False),
-        predict_xstart=flags.get("predict_xstart", False),
-        rescale_timesteps=flags.get("rescale_timesteps", False),
-        rescale_learned_sigmas=flags.get("rescale_learned_sigmas", False),
-        timestep_respacing=flags.get("timestep_respacing", "") if respacing is None else respacing,
-    )
+    kwargs = diffusion_kwargs(config)
+    if respacing is not None:
+        kwargs["timestep_respacing"] = respacing
+    return gd.create_gaussian_diffusion(**kwargs)
 
 
 def _parse_args(argv):

@@ -27,6 +27,19 @@ from diffjax.diffusion import (  # noqa: F401  (GD's free functions, same names 
     normal_kl,
 )
 from diffjax.schedules import get_named_beta_schedule, space_timesteps  # noqa: F401
+from diffjax.checkpoints.torch_pt import UnsafeCheckpointError, read_pt  # noqa: F401
+from diffjax.compat.gd_models import (  # noqa: F401  (the models half of the façade)
+    build,
+    classifier_defaults,
+    create_classifier,
+    create_model,
+    diffusion_defaults,
+    load_state_dict,
+    model_and_diffusion_defaults,
+    sr_create_model,
+    sr_model_and_diffusion_defaults,
+)
+from diffjax.models.layers import timestep_embedding  # noqa: F401
 
 
 @flax.struct.dataclass
