@@ -1,0 +1,151 @@
+"""Sampling speed: 50-step DDIM on the CIFAR-10 ADM-like model (batch 16), with and without
+classifier guidance; optionally guided-diffusion's own ddim_sample_loop on the same machine, in the
+same run, with the same weights.
+
+    python bench/sample.py [--steps 50] [--batch 16] [--repeats 2] [--no-guidance]
+        [--reference-src PATH/TO/guided-diffusion] [--threads 2]
+
+diffjax runs the whole loop as one jit-compiled program (compile time reported separately: the
+first call minus a steady-state call); GD runs its Python loop. The guided runs use a noisy
+classifier of the same width (EncoderUNetModel, attention pool, 10 classes) at scale 1.0. The
+ratio diffjax / PyTorch is printed per workload (target on CPU: <= 0.5).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from forward import CONFIGS, random_state_dict  # noqa: E402
+
+import diffjax  # noqa: E402
+from diffjax import guidance as G  # noqa: E402
+from diffjax.compat import gd_models  # noqa: E402
+from diffjax.compat import guided_diffusion as gdc  # noqa: E402
+
+CLASSIFIER = dict(image_size=32, in_channels=3, model_channels=128, out_channels=10,
+                  num_res_blocks=2, attention_resolutions=(2,), channel_mult=(1, 2, 2, 2),
+                  num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True,
+                  pool="attention")
+
+
+def _timed(fn, repeats):
+    start = time.perf_counter()
+    fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    steady = statistics.median(times)
+    return first - steady, steady
+
+
+def bench_diffjax(unet, unet_sd, clf, clf_sd, gd, x_T, y, guided, repeats):
+    variables = gd_models.load_state_dict(unet, unet_sd)
+    guidance = G.chain()
+    if guided:
+        clf_vars = gd_models.load_state_dict(clf, clf_sd)
+        guidance = G.classifier(lambda x, t: clf.apply(clf_vars, x, t), 1.0)
+    args = dict(sampler="ddim", guidance=guidance, config=gd.config, model_kwargs={"y": y},
+                x_T=x_T)
+
+    def run():
+        return jax.block_until_ready(diffjax.sample(jax.random.PRNGKey(0), (unet, variables),
+                                                    gd.schedule, x_T.shape, **args))
+
+    compile_s, seconds = _timed(run, repeats)
+    return compile_s, seconds, np.asarray(run())
+
+
+def bench_torch(unet_flags, unet_sd, clf_sd, gd_steps, x_T, y, guided, repeats, threads):
+    import torch
+    from guided_diffusion import script_util, unet
+
+    torch.set_num_threads(threads)
+    model = script_util.create_model(**{**unet_flags, "use_fp16": False}).eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in unet_sd.items()})
+    diffusion = script_util.create_gaussian_diffusion(
+        steps=1000, learn_sigma=True, noise_schedule="linear", timestep_respacing=f"ddim{gd_steps}")
+    kwargs = {"y": torch.from_numpy(np.array(y))}
+    cond_fn = None
+    if guided:
+        clf = unet.EncoderUNetModel(**CLASSIFIER).eval()
+        clf.load_state_dict({k: torch.from_numpy(v) for k, v in clf_sd.items()})
+
+        def cond_fn(x, t, y=None):
+            with torch.enable_grad():
+                x_in = x.detach().requires_grad_(True)
+                log_probs = torch.log_softmax(clf(x_in, t), dim=-1)
+                selected = log_probs[range(len(log_probs)), y.view(-1)]
+                return torch.autograd.grad(selected.sum(), x_in)[0]
+
+    noise = torch.from_numpy(np.ascontiguousarray(np.asarray(x_T).transpose(0, 3, 1, 2)))
+
+    def run():
+        with torch.no_grad():
+            return diffusion.ddim_sample_loop(model, tuple(noise.shape), noise=noise,
+                                              model_kwargs=kwargs, cond_fn=cond_fn,
+                                              device="cpu")
+
+    _, seconds = _timed(run, repeats)
+    return seconds, run().numpy().transpose(0, 2, 3, 1)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--no-guidance", action="store_true", help="only the unguided loop")
+    p.add_argument("--reference-src", default=None, help="a guided-diffusion checkout")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    args = p.parse_args(argv)
+    if args.reference_src:
+        sys.path.insert(0, os.path.abspath(args.reference_src))
+
+    _, flags = CONFIGS["cifar10"]
+    flags = {**flags, "class_cond": True}
+    rng = np.random.default_rng(0)
+    unet = gd_models.create_model(**flags)  # 1000 classes, as GD's create_model hard-codes
+    unet_sd = random_state_dict(gd_models.state_dict_shapes(unet), rng)
+    clf = gd_models.build("EncoderUNetModel", **CLASSIFIER)
+    clf_sd = random_state_dict(gd_models.state_dict_shapes(clf), rng)
+    gd = gdc.create_gaussian_diffusion(steps=1000, learn_sigma=True, noise_schedule="linear",
+                                       timestep_respacing=f"ddim{args.steps}")
+    x_T = jnp.asarray(rng.standard_normal((args.batch, 32, 32, 3)), jnp.float32)
+    y = jnp.asarray(rng.integers(0, 10, args.batch))
+
+    dev = jax.devices()[0]
+    print(f"jax {jax.__version__} on {dev.platform}; {os.cpu_count()} CPUs; load average "
+          f"{os.getloadavg()[0]:.2f}; {args.steps}-step DDIM, batch {args.batch}, CIFAR-10 "
+          f"ADM-like UNet; median of {args.repeats} after a first (compiling) call")
+    for guided in ([False] if args.no_guidance else [False, True]):
+        name = "classifier-guided" if guided else "unguided"
+        compile_s, seconds, ours = bench_diffjax(unet, unet_sd, clf, clf_sd, gd, x_T, y, guided,
+                                                 args.repeats)
+        print(f"\n{name}: diffjax {seconds:8.2f} s ({seconds / args.steps:.3f} s/step), "
+              f"compile {compile_s:.1f} s")
+        if args.reference_src:
+            try:
+                ref_s, ref = bench_torch(flags, unet_sd, clf_sd, args.steps, x_T, y, guided,
+                                         args.repeats, args.threads)
+            except ImportError as err:
+                print(f"  PyTorch reference not run: {err}")
+                continue
+            diff = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
+            print(f"{name}: PyTorch {ref_s:8.2f} s ({ref_s / args.steps:.3f} s/step, "
+                  f"{args.threads} threads)\n  ratio diffjax / PyTorch: {seconds / ref_s:.2f}   "
+                  f"(samples rel. difference {diff:.1e})")
+
+
+if __name__ == "__main__":
+    main()
