@@ -1,0 +1,150 @@
+"""Data: IDX parsing, the real Fashion-MNIST, GD's folder convention and preprocessing, and
+deterministic, resumable, per-process batches."""
+import gzip
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffjax import data as D
+
+
+def write_idx(path, array):
+    """An IDX file written from the format's definition: two zero bytes, type 0x08, ndim, then
+    big-endian uint32 dims and the bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", n) for n in array.shape)
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("name", ["x-idx3-ubyte", "x-idx3-ubyte.gz"])
+def test_read_idx(tmp_path, name):
+    array = np.random.default_rng(0).integers(0, 256, (5, 28, 28))
+    write_idx(tmp_path / name, array)
+    np.testing.assert_array_equal(D.read_idx(tmp_path / name), array)
+
+
+def test_fashion_mnist_from_any_idx_folder(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (7, 28, 28))
+    labels = np.arange(7) % 10
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels)
+    x, y = D.fashion_mnist("test", str(tmp_path))
+    assert x.shape == (7, 28, 28, 1) and x.dtype == np.uint8
+    np.testing.assert_array_equal(x[..., 0], images)
+    np.testing.assert_array_equal(y, labels)
+
+
+@pytest.fixture(scope="module")
+def real_fashion_mnist():
+    try:
+        return D.fashion_mnist("train")
+    except FileNotFoundError as err:
+        pytest.skip(str(err))
+
+
+def test_real_fashion_mnist(real_fashion_mnist):
+    images, labels = real_fashion_mnist
+    assert images.shape == (60000, 28, 28, 1) and labels.shape == (60000,)
+    np.testing.assert_array_equal(np.bincount(labels), [6000] * 10)  # balanced, as published
+    assert labels[0] == 9  # the first training image is an ankle boot
+    record = D.preprocess(D.DataConfig(), {"image": images[0], "label": labels[0]}, None)
+    x = record["image"]
+    assert x.shape == (32, 32, 1) and x.min() == -1.0 and x.max() <= 1.0
+    np.testing.assert_array_equal(x[:2], -1.0)  # padded with black
+    np.testing.assert_allclose(x[2:30, 2:30, 0], images[0, :, :, 0] / 127.5 - 1, atol=1e-6)
+
+
+def test_folder_classes_from_file_name_prefix(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name, value in [("dog_1.png", 10), ("cat_2.png", 20), ("sub/cat_10.jpg", 30),
+                        ("ant_x_y.png", 40)]:
+        Image.fromarray(np.full((40, 60, 3), value, np.uint8)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    source = D.ImageFolderSource(str(tmp_path))
+    assert source.classes == ["ant", "cat", "dog"]
+    by_file = {f.split("/")[-1]: int(l) for f, l in zip(source.files, source.labels)}
+    assert by_file == {"ant_x_y.png": 0, "cat_2.png": 1, "cat_10.jpg": 1, "dog_1.png": 2}
+    config = D.DataConfig(source="folder", path=str(tmp_path), image_size=16, channels=3,
+                          resize="center_crop")
+    out = D.preprocess(config, source[0], None)
+    assert out["image"].shape == (16, 16, 3)
+
+
+def test_center_crop_follows_gd():
+    """A 100x60 (w x h) image to 16: one BOX halving (60 >= 32) to 50x30, BICUBIC to round(50 *
+    16/30)=27 x 16, then the centre 16 columns. A vertical bar in the middle stays centred."""
+    image = np.zeros((60, 100, 1), np.uint8)
+    image[:, 46:54] = 255
+    out = D.center_crop(image, 16)
+    assert out.shape == (16, 16, 1)
+    column = out[8, :, 0].astype(float)
+    assert abs(np.average(np.arange(16), weights=column) - 7.5) < 0.6
+    assert column[0] == column[-1] == 0
+
+
+def test_pad_rejects_images_larger_than_the_target():
+    with pytest.raises(ValueError, match="image_size=16"):
+        D.pad_to(np.zeros((28, 28, 1), np.uint8), 16)
+
+
+def _labelled_source(n):
+    """Records whose label is their index, so batches reveal which records they hold."""
+    return D.ArraySource(np.zeros((n, 4, 4, 1), np.uint8), np.arange(n, dtype=np.int32))
+
+
+def test_batches_are_deterministic_epochs_are_permutations_and_resume_exactly():
+    config = D.DataConfig(image_size=4, seed=7)
+    source = _labelled_source(40)
+    ds = D.batched_dataset(config, source, 8)
+    a, b = D.BatchIterator(ds), D.BatchIterator(D.batched_dataset(config, source, 8))
+    first = [a.next()["label"] for _ in range(10)]
+    np.testing.assert_array_equal(np.concatenate(first), np.concatenate([b.next()["label"] for _ in range(10)]))
+    # Each epoch (5 batches of 8) holds every record once, in a different order each epoch.
+    epoch1, epoch2 = np.concatenate(first[:5]), np.concatenate(first[5:])
+    np.testing.assert_array_equal(np.sort(epoch1), np.arange(40))
+    np.testing.assert_array_equal(np.sort(epoch2), np.arange(40))
+    assert not np.array_equal(epoch1, epoch2)
+    # A new iterator set to the saved state continues with the very next batch.
+    resumed = D.BatchIterator(D.batched_dataset(config, source, 8))
+    resumed.set_state({"next_batch": 6})
+    np.testing.assert_array_equal(resumed.next()["label"], first[6])
+    stacked = resumed.next(3)["label"]
+    np.testing.assert_array_equal(stacked, np.stack(first[7:10]))
+    # Another seed, another order.
+    other = D.BatchIterator(D.batched_dataset(D.DataConfig(image_size=4, seed=8), source, 8))
+    assert not np.array_equal(other.next()["label"], first[0])
+
+
+def test_random_flips_are_deterministic_and_about_half():
+    image = np.zeros((4, 4, 1), np.uint8)
+    image[:, 0] = 255  # a bright left column: flipped images have it on the right
+    source = D.ArraySource(np.repeat(image[None], 400, 0), np.arange(400, dtype=np.int32))
+    config = D.DataConfig(image_size=4, seed=0)
+    batch = D.BatchIterator(D.batched_dataset(config, source, 400)).next()
+    again = D.BatchIterator(D.batched_dataset(config, source, 400)).next()
+    np.testing.assert_array_equal(batch["image"], again["image"])
+    flipped = batch["image"][:, 0, -1, 0] > 0
+    assert 0.4 < flipped.mean() < 0.6
+
+
+def test_process_shards_are_disjoint_and_equal():
+    n, count = 103, 4
+    shards = [set(range(n)[D.process_shard(n, i, count)]) for i in range(count)]
+    assert all(len(s) == n // count for s in shards)
+    assert len(set.union(*shards)) == count * (n // count)
+    config = D.DataConfig(image_size=4)
+    seen = [np.concatenate([D.BatchIterator(D.batched_dataset(
+        config, _labelled_source(n), 5, process_index=i, process_count=count)).next()["label"]
+        for _ in range(1)]) for i in range(count)]
+    for i in range(count):
+        assert set(seen[i].tolist()) <= shards[i]
+
+
+def test_missing_fashion_mnist_names_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setattr(D, "FASHION_MNIST_DIRS", ())
+    monkeypatch.setattr(D, "_tfds_source", lambda *a: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(FileNotFoundError, match="apt-get install -y dataset-fashion-mnist"):
+        D.fashion_mnist("train", str(tmp_path))
