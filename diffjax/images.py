@@ -1,8 +1,7 @@
-"""Images out: model range [-1, 1] -> uint8, and PNG grids."""
+"""Images out: model range [-1, 1] -> uint8, PNG grids with row labels, and loss-curve plots."""
 from __future__ import annotations
 
 import math
-import pathlib
 
 import numpy as np
 
@@ -13,27 +12,53 @@ def to_uint8(x) -> np.ndarray:
     return np.clip((np.asarray(x, np.float32) + 1) * 127.5, 0, 255).astype(np.uint8)
 
 
-def grid(images, ncol: int | None = None, pad: int = 2) -> np.ndarray:
-    """uint8 [N, H, W, C] -> one uint8 [rows*(H+pad)+pad, ncol*(W+pad)+pad, C] image, row-major."""
+def grid(images, cols: int | None = None, scale: int = 1, row_labels=None, pad: int = 2):
+    """A PIL image of uint8 `images` [N, H, W, C] (C = 1 or 3) on a grid of `cols` columns
+    (default: square), each enlarged `scale` times (nearest), with an optional text label left of
+    each row. Save it with `.save(path)`."""
+    from PIL import Image, ImageDraw
+
     images = np.asarray(images)
     if images.ndim != 4 or images.dtype != np.uint8:
-        raise ValueError(f"grid expects uint8 [N, H, W, C], got {images.dtype} {images.shape}")
+        raise ValueError(f"grid expects uint8 [N, H, W, C], got {images.dtype} {images.shape}: "
+                         "convert model outputs with to_uint8 first")
     n, h, w, c = images.shape
-    ncol = ncol or math.ceil(math.sqrt(n))
-    nrow = math.ceil(n / ncol)
-    out = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), 255, np.uint8)
+    cols = cols or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    h, w = h * scale, w * scale
+    left = 90 if row_labels else 0
+    canvas = Image.new("RGB", (left + cols * (w + pad) + pad, rows * (h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
     for i, image in enumerate(images):
-        r, col = divmod(i, ncol)
-        out[pad + r * (h + pad):pad + r * (h + pad) + h, pad + col * (w + pad):pad + col * (w + pad) + w] = image
-    return out
+        tile = Image.fromarray(image[..., 0] if c == 1 else image).convert("RGB")
+        tile = tile.resize((w, h), Image.NEAREST)
+        r, col = divmod(i, cols)
+        canvas.paste(tile, (left + pad + col * (w + pad), pad + r * (h + pad)))
+    for r, label in enumerate(row_labels or []):
+        draw.text((4, pad + r * (h + pad) + h // 2 - 5), str(label), fill="black")
+    return canvas
 
 
-def save_png(path, image) -> pathlib.Path:
-    """Write uint8 [H, W, C] (C = 1 or 3) as a PNG."""
-    from PIL import Image
+def loss_curve(steps, values, path, title: str = "training loss") -> None:
+    """A PNG line plot of values against steps (log-scaled y), drawn with PIL only."""
+    from PIL import Image, ImageDraw
 
-    image = np.asarray(image)
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
-    return path
+    steps, values = np.asarray(steps, float), np.log10(np.maximum(np.asarray(values, float), 1e-8))
+    width, height, margin = 640, 400, 60
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    x0, x1, y0, y1 = margin, width - 20, height - margin, 30
+    draw.rectangle([x0, y1, x1, y0], outline="black")
+    if len(steps) >= 2:
+        lo, hi = float(values.min()), float(values.max())
+        hi = hi if hi > lo else lo + 1
+        xs = x0 + (steps - steps[0]) / max(steps[-1] - steps[0], 1) * (x1 - x0)
+        ys = y0 - (values - lo) / (hi - lo) * (y0 - y1)
+        draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(31, 119, 180), width=2)
+        for frac in (0.0, 0.5, 1.0):
+            draw.text((4, y0 - frac * (y0 - y1) - 6), f"{10 ** (lo + frac * (hi - lo)):.3g}",
+                      fill="black")
+        draw.text((x0, y0 + 8), f"{int(steps[0])}", fill="black")
+        draw.text((x1 - 40, y0 + 8), f"{int(steps[-1])}", fill="black")
+    draw.text((x0, 8), f"{title} (log scale) vs step", fill="black")
+    image.save(path)

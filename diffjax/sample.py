@@ -142,7 +142,8 @@ def main(argv=None) -> pathlib.Path:
         np.savez(out, arr, np.concatenate(labels)[: args.num_samples])
     else:
         np.savez(out, arr)
-    png = images.save_png(out.with_suffix(".png"), images.grid(arr))
+    png = out.with_suffix(".png")
+    images.grid(arr).save(png)
     print(f"wrote {out} ({arr.shape[0]} samples) and {png}")
     return out
 

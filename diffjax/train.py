@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import pathlib
 import socket
@@ -47,6 +46,7 @@ import optax
 
 from diffjax import data as data_lib
 from diffjax import diffusion as D
+from diffjax import images as images_lib
 from diffjax import parallel
 from diffjax import schedules as S
 from diffjax import timestep_sampling
@@ -621,61 +621,6 @@ class MetricWriter:
             self._events.close()
 
 
-# =========================================================================== images and plots
-
-
-def to_uint8(x) -> np.ndarray:
-    """[-1, 1] float -> uint8 [0, 255] (GD's ((x + 1) * 127.5).clamp(0, 255))."""
-    return np.clip(np.round((np.asarray(x, np.float32) + 1) * 127.5), 0, 255).astype(np.uint8)
-
-
-def image_grid(images, cols: int, scale: int = 1, row_labels=None, pad: int = 2):
-    """A PIL image of `images` [N, H, W, C] in [-1, 1] on a grid of `cols` columns, each image
-    enlarged `scale` times (nearest), with an optional text label left of each row."""
-    from PIL import Image, ImageDraw
-
-    images = to_uint8(images)
-    n, h, w, c = images.shape
-    rows = math.ceil(n / cols)
-    h, w = h * scale, w * scale
-    left = 90 if row_labels else 0
-    canvas = Image.new("RGB", (left + cols * (w + pad) + pad, rows * (h + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for i, image in enumerate(images):
-        tile = Image.fromarray(image[..., 0] if c == 1 else image).convert("RGB")
-        tile = tile.resize((w, h), Image.NEAREST)
-        r, col = divmod(i, cols)
-        canvas.paste(tile, (left + pad + col * (w + pad), pad + r * (h + pad)))
-    for r, label in enumerate(row_labels or []):
-        draw.text((4, pad + r * (h + pad) + h // 2 - 5), str(label), fill="black")
-    return canvas
-
-
-def loss_curve(steps, values, path, title: str = "training loss") -> None:
-    """A PNG line plot of values against steps (log-scaled y), drawn with PIL only."""
-    from PIL import Image, ImageDraw
-
-    steps, values = np.asarray(steps, float), np.log10(np.maximum(np.asarray(values, float), 1e-8))
-    width, height, margin = 640, 400, 60
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    x0, x1, y0, y1 = margin, width - 20, height - margin, 30
-    draw.rectangle([x0, y1, x1, y0], outline="black")
-    if len(steps) >= 2:
-        lo, hi = float(values.min()), float(values.max())
-        hi = hi if hi > lo else lo + 1
-        xs = x0 + (steps - steps[0]) / max(steps[-1] - steps[0], 1) * (x1 - x0)
-        ys = y0 - (values - lo) / (hi - lo) * (y0 - y1)
-        draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(31, 119, 180), width=2)
-        for frac in (0.0, 0.5, 1.0):
-            draw.text((4, y0 - frac * (y0 - y1) - 6), f"{10 ** (lo + frac * (hi - lo)):.3g}",
-                      fill="black")
-        draw.text((x0, y0 + 8), f"{int(steps[0])}", fill="black")
-        draw.text((x1 - 40, y0 + 8), f"{int(steps[-1])}", fill="black")
-    draw.text((x0, 8), f"{title} (log scale) vs step", fill="black")
-    image.save(path)
-
-
 # =========================================================================== sampling and bits/dim
 
 
@@ -848,7 +793,9 @@ def _write_samples(trainer, state, eval_cfg, diffusion_flags, path, class_names=
     images = parallel.global_to_host(images)
     labels = [class_names[r] for r in rows] if rows is not None and class_names else rows
     if jax.process_index() == 0:
-        image_grid(images, eval_cfg.per_class, scale=3, row_labels=labels).save(path)
+        grid = images_lib.grid(images_lib.to_uint8(images), eval_cfg.per_class, scale=3,
+                               row_labels=labels)
+        grid.save(path)
     return images
 
 
@@ -964,7 +911,7 @@ def _final_outputs(trainer, state, eval_cfg, data_cfg, diffusion_flags, workdir)
         rows = [r for r in rows if "loss" in r]
         rows = list({r["step"]: r for r in rows}.values())  # a resumed run may repeat steps
         if rows:
-            loss_curve([r["step"] for r in rows], [r["loss"] for r in rows],
+            images_lib.loss_curve([r["step"] for r in rows], [r["loss"] for r in rows],
                        workdir / "loss_curve.png")
     if trainer.config.task != "diffusion" or trainer.config.small_size or not eval_cfg.per_class:
         return out
