@@ -175,23 +175,17 @@ def _dataclass_from(cls, section, **overrides):
 
 
 def diffusion_from_flags(flags: dict) -> tuple[S.Schedule, D.DiffusionConfig]:
-    """(training schedule, DiffusionConfig) of guided-diffusion's diffusion flags
-    (create_gaussian_diffusion: learn_sigma, diffusion_steps, noise_schedule, use_kl,
-    predict_xstart, rescale_timesteps, rescale_learned_sigmas, sigma_small)."""
-    f = {**gd_models.diffusion_defaults(), "sigma_small": False, **dict(flags)}
-    if f["use_kl"]:
-        loss = "rescaled_kl"
-    elif f["rescale_learned_sigmas"]:
-        loss = "rescaled_mse"
-    else:
-        loss = "mse"
-    var = "learned_range" if f["learn_sigma"] else ("fixed_small" if f["sigma_small"] else "fixed_large")
-    cfg = D.DiffusionConfig(mean_type="start_x" if f["predict_xstart"] else "epsilon",
-                            var_type=var, loss_type=loss,
-                            rescale_timesteps=bool(f["rescale_timesteps"]))
-    sched = S.make_schedule(f["noise_schedule"], int(f["diffusion_steps"]),
-                            f.get("timestep_respacing") or None)
-    return sched, cfg
+    """(training schedule, DiffusionConfig) of guided-diffusion's diffusion flags, through
+    create_gaussian_diffusion (learn_sigma, diffusion_steps, noise_schedule, timestep_respacing,
+    use_kl, predict_xstart, rescale_timesteps, rescale_learned_sigmas, sigma_small)."""
+    from diffjax.compat import guided_diffusion as gdc
+
+    f = {**gd_models.diffusion_defaults(), **dict(flags)}
+    names = ("learn_sigma", "sigma_small", "noise_schedule", "use_kl", "predict_xstart",
+             "rescale_timesteps", "rescale_learned_sigmas", "timestep_respacing")
+    gd = gdc.create_gaussian_diffusion(steps=int(f["diffusion_steps"]),
+                                       **{k: f[k] for k in names if k in f})
+    return gd.schedule, gd.config
 
 
 def build_model(model_flags: dict, train: TrainConfig, image_size: int, channels: int,
