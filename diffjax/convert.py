@@ -29,10 +29,12 @@ import orbax.checkpoint as ocp
 from tqdm import tqdm
 
 from diffjax.checkpoints import torch_pt
-from diffjax.compat import gd_models, gd_presets
+from diffjax.compat import gd_models, gd_presets, glide_presets
 
 def build_model(config):
     """The Flax module a preset-shaped config describes (its `factory` with its `model` flags)."""
+    if config.get("family") == glide_presets.FAMILY:
+        return glide_presets.build_model(config)
     factory = getattr(gd_models, config.factory)
     return factory(num_classes=config.num_classes, **config.model)
 
@@ -151,7 +153,8 @@ def _parse_args(argv):
     )
     p.add_argument("--pt", required=True, help="the PyTorch checkpoint (.pt)")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--preset", help="a preset of configs/pretrained.py, e.g. 64x64_diffusion")
+    which.add_argument("--preset", help="a preset of configs/pretrained.py, e.g. 64x64_diffusion, "
+                       "or of GLIDE: base, upsample, base-inpaint, upsample-inpaint")
     which.add_argument("--flags", help="guided-diffusion flag string, as in its README")
     p.add_argument(
         "--kind",
@@ -185,7 +188,9 @@ def _parse_args(argv):
 def main(argv=None) -> None:
     args = _parse_args(argv)
     try:
-        if args.preset:
+        if args.preset in glide_presets.PRESETS:  # base, upsample, base-inpaint, upsample-inpaint
+            config = glide_presets.get_config(args.preset)
+        elif args.preset:
             config = gd_presets.get_config(args.preset)
         else:
             config = gd_presets.config_from_flags(

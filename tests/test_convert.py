@@ -11,7 +11,7 @@ from diffjax.compat import gd_presets as pretrained
 from diffjax import convert as C
 from diffjax.checkpoints.torch_pt import UnsafeCheckpointError
 from diffjax.compat import gd_models
-from tests._util import PARITY, nchw_to_nhwc, rel_err, require
+from tests._util import PARITY, REPO, nchw_to_nhwc, rel_err, require
 from tests.test_torch_pt import state_dict_file
 
 
@@ -172,7 +172,7 @@ def _peak_rss_mib(args):
         [sys.executable, "-c", _PEAK_RSS, *map(str, args)],
         capture_output=True,
         text=True,
-        cwd=C._PRESETS_FILE.parents[1],
+        cwd=REPO,
         check=True,
     )
     return int(proc.stdout.split("PEAK_KIB")[-1]) / 1024

@@ -104,7 +104,13 @@ def build(model_class, **model_kwargs):
     if name not in MODEL_CLASSES:
         raise ValueError(f"model_class={model_class!r} is not a guided-diffusion model class: choose "
                          f"from {sorted(MODEL_CLASSES)}")
-    allowed = _GD_KWARGS[name] + _DIFFJAX_KWARGS
+    return construct(MODEL_CLASSES[name], name, _GD_KWARGS[name] + _DIFFJAX_KWARGS, model_kwargs)
+
+
+def construct(cls, name: str, allowed, model_kwargs):
+    """`cls(**model_kwargs)` after the reference-constructor conventions shared by every compat
+    `build`: only `allowed` names, `dims` must be 2, `use_fp16=True` -> bfloat16 compute, lists
+    become tuples, flag strings are refused."""
     unknown = sorted(set(model_kwargs) - set(allowed))
     if unknown:
         raise ValueError(f"{name} has no constructor argument(s) {unknown}: valid names are "
@@ -123,7 +129,7 @@ def build(model_class, **model_kwargs):
                              f"(1, 2, 2) (create_model / create_classifier parse flag strings)")
         if key in kw:
             kw[key] = tuple(kw[key])
-    return MODEL_CLASSES[name](**kw)
+    return cls(**kw)
 
 
 def _check_flags(factory: str, flags: Mapping, allowed) -> None:
@@ -269,6 +275,7 @@ _LEAVES = {
     ("scale", 1): ("weight", (0,)),            # GroupNorm
     ("embedding", 2): ("weight", (0, 1)),      # nn.Embedding, same layout
     ("positional_embedding", 2): ("positional_embedding", (0, 1)),  # AttentionPool2d [C, HW+1]
+    ("padding_embedding", 2): ("padding_embedding", (0, 1)),        # GLIDE text [ctx, width]
 }
 
 
@@ -293,7 +300,8 @@ def _param_layout(module) -> list[_Param]:
     tracing). Rematerialisation does not change parameters, so it is switched off here.
     """
     if not isinstance(module, ADMTrunk):
-        raise ValueError(f"expected a diffjax UNetModel / SuperResModel / EncoderUNetModel, got "
+        raise ValueError(f"expected a diffjax UNetModel / SuperResModel / EncoderUNetModel (or a "
+                         f"GLIDE model), got "
                          f"{type(module).__name__}")
     plain = module.clone(use_checkpoint=False, parent=None)
     args, kwargs = plain.example_inputs(1)
@@ -313,6 +321,18 @@ def _param_layout(module) -> list[_Param]:
         return variables
 
     jax.eval_shape(init)
+    # Models whose PyTorch names the `_<index>` rule cannot spell (GLIDE's `ln_1`) list regex
+    # renames; models whose state_dict() order differs from Flax's creation order give a sort key.
+    renames = getattr(plain, "torch_key_renames", ())
+    if renames:
+        def rename(key):
+            for pattern, repl in renames:
+                key = re.sub(pattern, repl, key)
+            return key
+        layout = [p._replace(key=rename(p.key)) for p in layout]
+    rank = getattr(plain, "torch_key_rank", None)
+    if rank is not None:
+        layout = sorted(layout, key=lambda p: rank(p.key))  # stable: ties keep creation order
     return layout
 
 

@@ -266,13 +266,17 @@ def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> in
     return channels // num_head_channels
 
 
-def qkv_attention(qkv, num_heads: int, *, legacy: bool, precision: Precision = None):
+def qkv_attention(qkv, num_heads: int, *, legacy: bool, precision: Precision = None, encoder_kv=None):
     """Multi-head dot-product attention over packed q, k, v (GD's QKVAttentionLegacy / QKVAttention).
 
     qkv: [B, T, 3 * H * c]. The channel axis is split as (H, 3, c) in the legacy order (heads first,
     QKVAttentionLegacy) and as (3, H, c) in the new order (QKVAttention). Both scale q and k by
     c^(-1/4) before the product (as GD, for fp16 range), take the softmax in float32 and return
     [B, T, H * c] with head-major channels.
+
+    encoder_kv: optional [B, S, 2 * H * c] extra keys and values (GLIDE's text tokens, split as
+    (H, 2, c) legacy / (2, H, c) new order) that every query also attends to, placed before the
+    T own keys as glide-text2im's QKVAttention concatenates them.
     """
     b, t, width = qkv.shape
     ch = width // (3 * num_heads)
@@ -280,6 +284,17 @@ def qkv_attention(qkv, num_heads: int, *, legacy: bool, precision: Precision = N
         q, k, v = jnp.moveaxis(qkv.reshape(b, t, num_heads, 3, ch), 3, 0)
     else:
         q, k, v = jnp.moveaxis(qkv.reshape(b, t, 3, num_heads, ch), 2, 0)
+    if encoder_kv is not None:
+        s = encoder_kv.shape[1]
+        if encoder_kv.shape[-1] != 2 * num_heads * ch:
+            raise ValueError(f"encoder_kv has {encoder_kv.shape[-1]} channels, expected "
+                             f"2 * {num_heads} heads * {ch} = {2 * num_heads * ch}")
+        if legacy:
+            ek, ev = jnp.moveaxis(encoder_kv.reshape(b, s, num_heads, 2, ch), 3, 0)
+        else:
+            ek, ev = jnp.moveaxis(encoder_kv.reshape(b, s, 2, num_heads, ch), 2, 0)
+        k = jnp.concatenate([ek.astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([ev.astype(v.dtype), v], axis=1)
     scale = 1.0 / math.sqrt(math.sqrt(ch))
     weight = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale, precision=precision)
     weight = jax.nn.softmax(weight.astype(jnp.float32), axis=-1).astype(weight.dtype)
@@ -290,25 +305,42 @@ def qkv_attention(qkv, num_heads: int, *, legacy: bool, precision: Precision = N
 class AttentionBlock(nn.Module):
     """guided_diffusion.unet.AttentionBlock: x + proj_out(attention(qkv(GN(x)))) over all positions.
 
+    With `encoder_channels` set (glide-text2im's AttentionBlock), a 1x1 conv `encoder_kv` maps the
+    encoder tokens [B, S, encoder_channels] to extra keys and values that every position also
+    attends to; `encoder_out` is then required. x: [B, H, W, C] -> [B, H, W, C].
+
     guided-diffusion always gradient-checkpoints this block, whatever `use_checkpoint` says (a known
     bug, openai/guided-diffusion #62 / #114); diffjax applies `nn.remat` only when asked. This
-    changes memory and backward time, never values. x: [B, H, W, C] -> [B, H, W, C].
+    changes memory and backward time, never values.
     """
     num_heads: int = 1
     num_head_channels: int = -1
     use_new_attention_order: bool = False
+    encoder_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     precision: Precision = None
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, encoder_out=None):
         b, hh, ww, c = x.shape
         heads = attention_heads(c, self.num_heads, self.num_head_channels)
         tokens = x.reshape(b, hh * ww, c)
         qkv = conv(3 * c, c, 1, ndim=1, dtype=self.dtype, precision=self.precision,
                    name="qkv")(GroupNorm32(name="norm")(tokens))
+        encoder_kv = None
+        if self.encoder_channels is not None:
+            if encoder_out is None or encoder_out.shape[-1] != self.encoder_channels:
+                got = None if encoder_out is None else encoder_out.shape
+                raise ValueError(f"AttentionBlock with encoder_channels={self.encoder_channels} needs "
+                                 f"encoder_out [B, S, {self.encoder_channels}], got {got}")
+            encoder_kv = conv(2 * c, self.encoder_channels, 1, ndim=1, dtype=self.dtype,
+                              precision=self.precision,
+                              name="encoder_kv")(encoder_out.astype(self.dtype))
+        elif encoder_out is not None:
+            raise ValueError("AttentionBlock got encoder_out but was built without encoder_channels")
         h = qkv_attention(qkv, heads, legacy=not self.use_new_attention_order,
-                          precision=default_precision(self.dtype, self.precision))
+                          precision=default_precision(self.dtype, self.precision),
+                          encoder_kv=encoder_kv)
         h = conv(c, c, 1, ndim=1, zero_init=True, dtype=self.dtype, precision=self.precision,
                  name="proj_out")(h)
         return (tokens + h).reshape(b, hh, ww, c)

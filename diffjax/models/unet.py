@@ -114,6 +114,10 @@ class ADMTrunk(nn.Module):
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
             raise ValueError(f"{name}: image_size={self.image_size!r} must be a positive int or None")
 
+    def _encoder_channels(self) -> Optional[int]:
+        """Channels of the tokens that attention blocks also attend to (GLIDE's text), or None."""
+        return None
+
     def _heads_upsample(self) -> int:
         return self.num_heads if self.num_heads_upsample == -1 else self.num_heads_upsample
 
@@ -139,6 +143,7 @@ class ADMTrunk(nn.Module):
         def attn(name, num_heads):
             return attn_cls(num_heads=num_heads, num_head_channels=self.num_head_channels,
                             use_new_attention_order=self.use_new_attention_order,
+                            encoder_channels=self._encoder_channels(),
                             dtype=self.dtype, precision=self.precision, name=name)
 
         return res, attn
@@ -160,10 +165,12 @@ class ADMTrunk(nn.Module):
                              f"{factor}x: height and width must be multiples of {factor}, got "
                              f"{x.shape[1]}x{x.shape[2]}")
 
-    def _encode(self, x, emb, train: bool):
+    def _encode(self, x, emb, train: bool, encoder_out=None):
         """Input blocks and middle block. Returns (h, hs, ds): the middle output, every input
-        block's output (the UNet's skip connections) and the final downsample rate."""
+        block's output (the UNet's skip connections) and the final downsample rate.
+        encoder_out: [B, S, encoder_channels] tokens for the attention blocks (GLIDE) or None."""
         res, attn = self._blocks(train)
+        extra = () if encoder_out is None else (encoder_out,)
         chans = self.level_channels()
         h = x.astype(self.dtype)
         h = conv(chans[0], h.shape[-1], 3, dtype=self.dtype, precision=self.precision,
@@ -173,7 +180,7 @@ class ADMTrunk(nn.Module):
             for _ in range(self.num_res_blocks):
                 h = res(f"input_blocks_{idx}_0", out_channels=ch)(h, emb)
                 if ds in self.attention_resolutions:
-                    h = attn(f"input_blocks_{idx}_1", self.num_heads)(h)
+                    h = attn(f"input_blocks_{idx}_1", self.num_heads)(h, *extra)
                 hs.append(h)
                 idx += 1
             if level != len(chans) - 1:
@@ -186,7 +193,7 @@ class ADMTrunk(nn.Module):
                 ds *= 2
                 idx += 1
         h = res("middle_block_0")(h, emb)
-        h = attn("middle_block_1", self.num_heads)(h)
+        h = attn("middle_block_1", self.num_heads)(h, *extra)
         h = res("middle_block_2")(h, emb)
         return h, hs, ds
 
@@ -213,7 +220,10 @@ class UNetModel(ADMTrunk):
         self._check_input(x, self.in_channels)
         return self._unet(x, timesteps, y, train)
 
-    def _unet(self, x, timesteps, y, train):
+    def _unet(self, x, timesteps, y, train, extra_emb=None, encoder_out=None):
+        """The UNet on prepared inputs; `extra_emb` [B, 4 * model_channels] is added to the
+        timestep embedding and `encoder_out` [B, S, E] feeds every attention block (GLIDE's text
+        conditioning, glide-text2im's Text2ImUNet.forward)."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError(f"{type(self).__name__} with num_classes={self.num_classes} "
                              f"{'needs' if y is None else 'takes no'} class labels y: pass y "
@@ -225,8 +235,12 @@ class UNetModel(ADMTrunk):
             emb = emb + nn.Embed(self.num_classes, emb.shape[-1], param_dtype=jnp.float32,
                                  embedding_init=nn.initializers.normal(1.0), name="label_emb")(y)
 
-        h, hs, ds = self._encode(x, emb, train)
+        if extra_emb is not None:
+            emb = emb + extra_emb.astype(emb.dtype)
+
+        h, hs, ds = self._encode(x, emb, train, encoder_out)
         res, attn = self._blocks(train)
+        extra = () if encoder_out is None else (encoder_out,)
         idx = 0
         for level, ch in reversed(list(enumerate(self.level_channels()))):
             for i in range(self.num_res_blocks + 1):
@@ -234,7 +248,7 @@ class UNetModel(ADMTrunk):
                 h = res(f"output_blocks_{idx}_0", out_channels=ch)(h, emb)
                 j = 1
                 if ds in self.attention_resolutions:
-                    h = attn(f"output_blocks_{idx}_1", self._heads_upsample())(h)
+                    h = attn(f"output_blocks_{idx}_1", self._heads_upsample())(h, *extra)
                     j = 2
                 if level and i == self.num_res_blocks:
                     if self.resblock_updown:
