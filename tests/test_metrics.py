@@ -262,7 +262,7 @@ def test_cli_refuses_float_images(tmp_path, tiny_cli):
 
 
 def test_cli_errors(tmp_path):
-    with pytest.raises(SystemExit, match="not yet available"):
+    with pytest.raises(SystemExit, match="--checkpoint"):
         cli.main(["--bpd"])
     with pytest.raises(SystemExit, match="pytorch-fid"):
         cli.main(["--ref", "r.npz", "--samples", "s.npz"])

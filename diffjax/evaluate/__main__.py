@@ -1,17 +1,32 @@
-"""python -m diffjax.evaluate --ref REF.npz --samples SAMPLES.npz --inception WEIGHTS
+"""python -m diffjax.evaluate: three modes.
 
-Prints the table of openai/guided-diffusion's evaluations/evaluator.py (Inception Score, FID, sFID,
-Precision, Recall); progress goes to stderr. WEIGHTS is pytorch-fid's
-pt_inception-2015-12-05-6726825d.pth (or an .npz of its state_dict).
+GD's evaluator (Inception Score, FID, sFID, Precision, Recall; its table, progress to stderr):
 
---preprocess adm_tf (default) feeds the network as GD's evaluator feeds the 2015 TF graph (TF1
-bilinear resize without half-pixel centres, (x - 128) / 128), so that numbers are comparable with
-GD's reference batches and papers; --preprocess pytorch_fid reproduces pytorch-fid instead.
+    python -m diffjax.evaluate --ref REF.npz --samples SAMPLES.npz --inception WEIGHTS
+
+  WEIGHTS is pytorch-fid's pt_inception-2015-12-05-6726825d.pth (or an .npz of its state_dict).
+  --preprocess adm_tf (default) feeds the network as GD's evaluator feeds the 2015 TF graph (TF1
+  bilinear resize without half-pixel centres, (x - 128) / 128), so that numbers are comparable
+  with GD's reference batches and papers; --preprocess pytorch_fid reproduces pytorch-fid.
+
+Classifier-feature metrics (no Inception needed; see diffjax/evaluate/classifier.py):
+
+    python -m diffjax.evaluate --classifier CLASSIFIER_WORKDIR --samples SAMPLES.npz [--ref REF.npz]
+
+  the Fréchet distance between the classifier's features of the samples and of the reference
+  (default: the classifier's training split) and the accuracy of class-conditional samples
+  (arr_1 labels) under the classifier.
+
+Bits/dim of a checkpoint over a dataset split (see diffjax/evaluate/bpd.py):
+
+    python -m diffjax.evaluate --bpd --checkpoint WORKDIR_OR_CONVERTED [--split test]
+        [--num-images 100] [--estimator exact|mc] [--t-per-image 4] [--ema 0]
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from diffjax.evaluate import inception, metrics
 
@@ -19,12 +34,13 @@ from diffjax.evaluate import inception, metrics
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m diffjax.evaluate",
-        description="Inception Score, FID, sFID, precision and recall as GD's evaluator.",
+        description="Inception Score, FID, sFID, precision and recall as GD's evaluator; "
+        "classifier-feature metrics (--classifier); bits/dim (--bpd).",
     )
     p.add_argument(
         "--ref", help="reference batch npz (arr_0 uint8 NHWC; optional mu/sigma/mu_s/sigma_s)"
     )
-    p.add_argument("--samples", help="sample batch npz (arr_0 uint8 NHWC)")
+    p.add_argument("--samples", help="sample batch npz (arr_0 uint8 NHWC, arr_1 labels)")
     p.add_argument(
         "--inception",
         help=f"pytorch-fid's {inception.WEIGHTS_FILE} (from {inception.WEIGHTS_URL})",
@@ -36,27 +52,41 @@ def _parser() -> argparse.ArgumentParser:
         help="adm_tf: as GD's TF graph (TF1 resize, (x-128)/128), comparable with GD's reference "
         "statistics; pytorch_fid: as pytorch-fid (half-pixel resize, 2x-1)",
     )
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per jitted call (default 64; --bpd: 16 images)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument(
-        "--bpd", action="store_true", help="bits/dim of a checkpoint (not yet available)"
-    )
+    c = p.add_argument_group("classifier-feature metrics")
+    c.add_argument("--classifier", help="a workdir of python -m diffjax.evaluate.classifier")
+    b = p.add_argument_group("bits/dim")
+    b.add_argument("--bpd", action="store_true", help="bits/dim of --checkpoint on --split")
+    b.add_argument("--checkpoint", help="a diffjax.train workdir or a diffjax.convert directory")
+    b.add_argument("--split", default="test")
+    b.add_argument("--num-images", type=int, default=100)
+    b.add_argument("--estimator", choices=("exact", "mc"), default="exact",
+                   help="exact: every timestep (GD's calc_bpd_loop); mc: the trainer's unbiased "
+                   "Monte-Carlo estimate over t (--t-per-image timesteps per image)")
+    b.add_argument("--t-per-image", type=int, default=4)
+    b.add_argument("--ema", type=int, default=0,
+                   help="which EMA of a workdir (index into train.ema_rates); -1: raw parameters")
+    b.add_argument("--seed", type=int, default=0, help="picks the images and the noise")
+    b.add_argument("--data-source", help="data.source of the images (required for a converted "
+                   "checkpoint: 'folder', 'fashion_mnist', 'tfds:NAME')")
+    b.add_argument("--data-path", help="data.path (an image folder, IDX folder or tfds data_dir)")
     return p
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    if args.bpd:
-        raise SystemExit(
-            "--bpd is not yet available: it needs diffjax's trained-checkpoint format "
-            "(diffjax.train), which does not exist yet"
-        )
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _fmt(value, missing):
+    return missing if value is None else value
+
+
+def _gd_table(args) -> int:
     if not args.ref or not args.samples:
-        raise SystemExit("--ref REF.npz and --samples SAMPLES.npz are both required")
-
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
+        raise SystemExit("--ref REF.npz and --samples SAMPLES.npz are both required (or "
+                         "--classifier DIR --samples SAMPLES.npz, or --bpd --checkpoint DIR)")
     try:
         module, variables = inception.load_fid_inception(
             args.inception, preprocess=args.preprocess
@@ -68,9 +98,9 @@ def main(argv=None) -> int:
         args.samples,
         module,
         variables,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size or 64,
         progress=not args.no_progress,
-        log=log,
+        log=_log,
     )
     na = "n/a (the reference batch stores no arr_0 images)"
     for label, key in (
@@ -80,9 +110,62 @@ def main(argv=None) -> int:
         ("Precision", "precision"),
         ("Recall", "recall"),
     ):
-        value = results[key]
-        print(f"{label}: {na if value is None else value}")
+        print(f"{label}: {_fmt(results[key], na)}")
     return 0
+
+
+def _classifier_metrics(args) -> int:
+    from diffjax.evaluate import classifier
+
+    if not args.samples:
+        raise SystemExit("--classifier needs --samples SAMPLES.npz (arr_0 uint8 NHWC, arr_1 "
+                         "labels), as python -m diffjax.sample writes")
+    try:
+        results = classifier.evaluate_samples(args.classifier, args.samples, args.ref,
+                                              batch_size=args.batch_size or 256,
+                                              progress=not args.no_progress)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--classifier: {e}") from None
+    print(f"{classifier.FD_NAME}: {results['frechet_distance']}")
+    print(f"{classifier.ACCURACY_NAME}: "
+          f"{_fmt(results['accuracy'], 'n/a (the samples store no arr_1 labels)')}")
+    test_acc = results["classifier_test_accuracy"]
+    _log(f"{results['num_samples']} samples vs reference: {results['reference']}; the "
+         f"classifier's own test accuracy: {_fmt(test_acc, 'unknown')}")
+    return 0
+
+
+def _bpd(args) -> int:
+    from diffjax.evaluate import bpd
+
+    if not args.checkpoint:
+        raise SystemExit("--bpd needs --checkpoint: a python -m diffjax.train workdir or a "
+                         "python -m diffjax.convert directory")
+    data = {k: v for k, v in (("source", args.data_source), ("path", args.data_path)) if v}
+    try:
+        model = bpd.load_for_bpd(args.checkpoint, args.ema, data)
+    except FileNotFoundError as e:
+        raise SystemExit(f"--checkpoint: {e}") from None
+    _log(f"bits/dim of {model.description} on {args.num_images} {args.split} images "
+         f"({args.estimator})")
+    start = time.perf_counter()
+    result = bpd.bits_per_dim(model, args.split, args.num_images, args.estimator,
+                              args.t_per_image, args.batch_size or 16, args.seed)
+    how = (f"every one of {result['timesteps']} timesteps" if args.estimator == "exact" else
+           f"Monte-Carlo over t, {args.t_per_image} timesteps per image")
+    print(f"bits/dim: {result['bpd']:.6f} +- {result['stderr']:.6f} (standard error over "
+          f"{result['num_images']} {args.split} images; {how}; "
+          f"{time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.bpd:
+        return _bpd(args)
+    if args.classifier:
+        return _classifier_metrics(args)
+    return _gd_table(args)
 
 
 if __name__ == "__main__":

@@ -284,14 +284,17 @@ class Activations:
 class FeatureExtractor:
     """extractor(images [b <= batch_size, H, W, 3]) -> dict of host float32 feature arrays.
 
-    One jit-compiled apply, batch axis sharded over a 1-D Mesh of `devices` (default: all local
-    devices), variables replicated. batch_size is rounded up to a multiple of the device count;
+    One jit-compiled apply of `module` (any network mapping images [B, H, W, channels] in [0, 1]
+    to a dict of [B, ...] arrays: the Inception-v3, or a small classifier for grayscale data),
+    batch axis sharded over a 1-D Mesh of `devices` (default: all local devices), variables
+    replicated. batch_size is rounded up to a multiple of the device count;
     a short batch is padded to it (one compilation per image size) and the pad dropped. uint8
     images are divided by 255 on device (4x less host-to-device traffic); float images are taken
     as already in [0, 1].
     """
 
-    def __init__(self, module, variables, batch_size: int = 64, devices=None):
+    def __init__(self, module, variables, batch_size: int = 64, devices=None, channels: int = 3):
+        self.channels = channels
         devices = list(devices or jax.local_devices())
         mesh = Mesh(np.array(devices), ("data",))
         self.batch_size = math.ceil(batch_size / len(devices)) * len(devices)
@@ -309,9 +312,10 @@ class FeatureExtractor:
 
     def __call__(self, images) -> dict[str, np.ndarray]:
         images = np.asarray(images)
-        if images.ndim != 4 or images.shape[-1] != 3:
+        if images.ndim != 4 or images.shape[-1] != self.channels:
             raise ValueError(
-                f"images of shape {images.shape} are not [B, H, W, 3] NHWC RGB (GD's arr_0 layout)"
+                f"images of shape {images.shape} are not [B, H, W, {self.channels}] NHWC "
+                f"(GD's arr_0 layout) as this network takes"
             )
         if not (images.dtype == np.uint8 or np.issubdtype(images.dtype, np.floating)):
             raise ValueError(f"images of dtype {images.dtype}: pass uint8 [0, 255] or float [0, 1]")
@@ -325,6 +329,36 @@ class FeatureExtractor:
         out = self._apply(self._variables, jax.device_put(images, self._data))
         return {k: np.asarray(v)[:n] for k, v in out.items()}
 
+    def batches(
+        self,
+        images: np.ndarray | Iterable[np.ndarray],
+        total: int | None = None,
+        progress: bool = True,
+        desc: str = "features",
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Outputs of each batch_size batch of `images`: one [N, H, W, C] array or an iterable of
+        batches of any size (uint8, or float in [0, 1]); total: the image count, for the
+        progress bar of an iterator."""
+        from tqdm.auto import tqdm
+
+        if isinstance(images, np.ndarray):
+            total = len(images) if total is None else total
+            images = [images]
+        with tqdm(total=total, unit="img", desc=desc, disable=not progress) as bar:
+            for batch in rebatch(images, self.batch_size):
+                yield self(batch)
+                bar.update(len(batch))
+
+    def outputs(self, images, total=None, progress=True, desc="features") -> dict[str, np.ndarray]:
+        """Every output of the network over all `images` (see `batches`), concatenated: [N, ...]."""
+        collected: dict[str, list[np.ndarray]] = {}
+        for out in self.batches(images, total, progress, desc):
+            for k, v in out.items():
+                collected.setdefault(k, []).append(v)
+        if not collected:
+            raise ValueError("no images to evaluate")
+        return {k: np.concatenate(v, axis=0) for k, v in collected.items()}
+
     def activations(
         self,
         images: np.ndarray | Iterable[np.ndarray],
@@ -332,21 +366,13 @@ class FeatureExtractor:
         progress: bool = True,
         desc: str = "inception",
     ) -> Activations:
-        """images: one [N, H, W, 3] array or an iterable of batches of any size (uint8, or float
-        in [0, 1]). total: number of images, for the progress bar of an iterator."""
-        from tqdm.auto import tqdm
-
-        if isinstance(images, np.ndarray):
-            total = len(images) if total is None else total
-            images = [images]
+        """The Inception activations of `images` (see `batches`); the spatial features are
+        reduced to their statistics as they stream (2023 floats per image are not kept)."""
         pool3, logits, spatial = [], [], RunningStatistics()
-        with tqdm(total=total, unit="img", desc=desc, disable=not progress) as bar:
-            for batch in rebatch(images, self.batch_size):
-                out = self(batch)
-                pool3.append(out["pool3"])
-                logits.append(out["logits_nobias"])
-                spatial.update(out["spatial"])
-                bar.update(len(batch))
+        for out in self.batches(images, total, progress, desc):
+            pool3.append(out["pool3"])
+            logits.append(out["logits_nobias"])
+            spatial.update(out["spatial"])
         if not pool3:
             raise ValueError("no images to evaluate")
         pool3 = np.concatenate(pool3, axis=0)

@@ -1,0 +1,333 @@
+"""Classifier-feature metrics for small datasets with no Inception network at hand (the bundled
+Fashion-MNIST default): a small CNN trained on the clean data provides
+
+* the Fréchet distance between the Gaussians of its penultimate features on samples and on real
+  images (FID's formula, Heusel et al. 2017, on this classifier's features instead of
+  Inception's pool3: not comparable with FID numbers, hence its own name), and
+* the accuracy of class-conditional samples: how often the classifier assigns a sample the class
+  it was generated for.
+
+    python -m diffjax.evaluate.classifier --config configs/feature_classifier_fashion_mnist.py \
+        --workdir runs/fmnist_classifier
+    python -m diffjax.evaluate --classifier runs/fmnist_classifier --samples samples.npz
+
+A classifier workdir holds `config.json` (the recipe), `classifier.msgpack` (the variables),
+`metrics.json` (test accuracy) and `reference_train.npz` (float64 `mu` / `sigma` of the features
+of the whole training split, GD's reference-batch keys), the default reference of the distance.
+Samples are GD's npz layout, as `python -m diffjax.sample` writes it: `arr_0` uint8
+[N, H, W, C] and, for class-conditional samples, `arr_1` their labels [N].
+
+The classifier sees exactly what the samples are: uint8 images of the diffusion model's data
+config (size, channels, padding), divided by 255. It is trained without noise; the
+noise-conditioned classifiers used for guidance (task="classifier" in diffjax.train) are a
+different thing.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from diffjax import data as data_lib
+from diffjax.evaluate import metrics
+
+VARIABLES_FILE = "classifier.msgpack"
+REFERENCE_FILE = "reference_train.npz"
+FD_NAME = "Fréchet distance on classifier features"
+ACCURACY_NAME = "Classifier accuracy of class-conditional samples"
+
+
+class FeatureClassifier(nn.Module):
+    """A small CNN: per width, a 3x3 conv, ReLU and 2x2 max-pooling; then a ReLU dense layer of
+    `features` units (the metric's features) and the class logits.
+
+    images [B, H, W, C] float32 in [0, 1] (H, W divisible by 2 ** len(widths)) ->
+    {"features": [B, features], "logits": [B, num_classes]}."""
+
+    num_classes: int = 10
+    widths: tuple = (16, 32, 64)
+    features: int = 128
+
+    @nn.compact
+    def __call__(self, images):
+        x = images * 2.0 - 1.0
+        for width in self.widths:
+            x = nn.relu(nn.Conv(width, (3, 3))(x))
+            x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        features = nn.relu(nn.Dense(self.features)(x.reshape(x.shape[0], -1)))
+        return {"features": features, "logits": nn.Dense(self.num_classes)(features)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierTrainConfig:
+    """batch_size images per step for total_steps steps; test_images: how many test images the
+    final accuracy is measured on (the whole Fashion-MNIST test split is 10000);
+    reference_images: how many training images the saved reference statistics use (0: all)."""
+
+    num_classes: int = 10
+    batch_size: int = 64
+    total_steps: int = 1500
+    test_images: int = 10000
+    reference_images: int = 0
+    log_every: int = 250
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class Classifier:
+    """A trained feature classifier: its module and variables, the data config its inputs follow,
+    and its metrics (test accuracy)."""
+
+    module: FeatureClassifier
+    variables: dict
+    data: data_lib.DataConfig
+    metrics: dict
+
+    def extractor(self, batch_size: int = 256, devices=None) -> metrics.FeatureExtractor:
+        """A sharded, jit-compiled extractor: uint8 [B, H, W, C] -> {"features", "logits"}."""
+        return metrics.FeatureExtractor(self.module, self.variables, batch_size, devices,
+                                        channels=self.data.channels)
+
+
+def _configs(config: ml_collections.ConfigDict):
+    from diffjax.train import OptimConfig, _dataclass_from
+
+    train = _dataclass_from(ClassifierTrainConfig, config.train)
+    data = _dataclass_from(data_lib.DataConfig, config.data)
+    module = _dataclass_from(FeatureClassifier, config.get("model", {}),
+                             num_classes=train.num_classes)
+    optim = _dataclass_from(OptimConfig, config.get("optim", {}), total_steps=train.total_steps)
+    side = data.image_size // 2 ** len(module.widths)
+    if side * 2 ** len(module.widths) != data.image_size or side == 0:
+        raise ValueError(f"model.widths={module.widths} halves the image {len(module.widths)} "
+                         f"times, which does not divide data.image_size={data.image_size}: use "
+                         f"fewer widths or an image size divisible by {2 ** len(module.widths)}")
+    return train, data, module, optim
+
+
+def real_images(data: data_lib.DataConfig, split: str, num: int | None = None, seed: int = 0):
+    """(images uint8 [N, S, S, C], labels [N]) of a split, shaped as the data config shapes
+    training images (no flips): `num` drawn without replacement with `seed`, or all."""
+    if num is None:
+        num = len(data_lib.make_source(data, split))
+    arrays = data_lib.eval_arrays(data, split, num, seed)
+    # The exact inverse of data.to_model_range (x / 127.5 - 1): rounding, not truncation.
+    images = np.round((arrays["image"] + 1.0) * 127.5).astype(np.uint8)
+    return images, arrays["label"]
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows whose arg-max logit is the label."""
+    return float(np.mean(np.argmax(logits, axis=-1) == np.asarray(labels)))
+
+
+def train_classifier(config: ml_collections.ConfigDict, workdir=None,
+                     log: Callable[[str], None] = print, progress: bool = False) -> Classifier:
+    """Train the feature classifier of `config` (cross-entropy, the optimizer of diffjax.train),
+    measure its test accuracy, and, with a workdir, save it there with the statistics of the
+    training split's features (the metric's default reference)."""
+    from diffjax.train import make_optimizer
+
+    train, data, module, optim = _configs(config)
+    key = jax.random.PRNGKey(train.seed)
+    size = (1, data.image_size, data.image_size, data.channels)
+    variables = jax.jit(module.init)(key, jnp.zeros(size))
+    optimizer = make_optimizer(optim)
+    opt_state = optimizer.init(variables)
+
+    @jax.jit
+    def step(variables, opt_state, images, labels):
+        def loss_fn(v):
+            logits = module.apply(v, (images + 1.0) / 2.0)["logits"]  # data: [-1, 1]
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables)
+        updates, opt_state = optimizer.update(grads, opt_state, variables)
+        return optax.apply_updates(variables, updates), opt_state, loss, acc
+
+    iterator = data_lib.make_iterator(data, train.batch_size)
+    start, window = time.perf_counter(), []
+    for i in range(train.total_steps):
+        batch = iterator.next()
+        variables, opt_state, loss, acc = step(variables, opt_state, batch["image"],
+                                               batch["label"])
+        window.append((loss, acc))
+        if (i + 1) % train.log_every == 0 or i + 1 == train.total_steps:
+            loss, acc = np.mean(jax.device_get(window), axis=0)
+            log(f"step {i + 1}/{train.total_steps}: loss {loss:.4f}, train accuracy {acc:.4f} "
+                f"({time.perf_counter() - start:.0f} s)")
+            window = []
+    train_s = time.perf_counter() - start
+    classifier = Classifier(module, variables, data, {})
+    extractor = classifier.extractor()
+    images, labels = real_images(data, "test", train.test_images)
+    out = extractor.outputs(images, progress=progress, desc="test")
+    classifier.metrics = {"test_accuracy": accuracy(out["logits"], labels),
+                          "test_images": len(labels), "steps": train.total_steps,
+                          "train_s": train_s}
+    log(f"test accuracy {classifier.metrics['test_accuracy']:.4f} on {len(labels)} images")
+    if workdir is not None:
+        save_classifier(classifier, config, workdir, train.reference_images or None, extractor,
+                        progress)
+    return classifier
+
+
+def save_classifier(classifier: Classifier, config, workdir, reference_images: int | None = None,
+                    extractor=None, progress=False):
+    """Write config.json, the variables, metrics.json and the feature statistics of
+    `reference_images` training images (None: all) as reference_train.npz into `workdir`."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    extractor = extractor or classifier.extractor()
+    images, _ = real_images(classifier.data, "train", reference_images)
+    stats = feature_statistics(extractor, images, progress=progress, desc="train split")
+    np.savez(workdir / REFERENCE_FILE, mu=stats.mu, sigma=stats.sigma)
+    (workdir / VARIABLES_FILE).write_bytes(flax.serialization.to_bytes(classifier.variables))
+    (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
+    (workdir / "metrics.json").write_text(json.dumps(classifier.metrics, indent=1))
+
+
+def load_classifier(path) -> Classifier:
+    """The classifier saved in a workdir of `train_classifier` (or its classifier.msgpack)."""
+    path = pathlib.Path(path)
+    workdir = path.parent if path.name == VARIABLES_FILE else path
+    if not (workdir / VARIABLES_FILE).is_file() or not (workdir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{os.fspath(path)!r} is not a feature-classifier workdir (it needs {VARIABLES_FILE} "
+            f"and config.json): train one with python -m diffjax.evaluate.classifier --config "
+            f"configs/feature_classifier_fashion_mnist.py --workdir {os.fspath(path)}")
+    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    _, data, module, _ = _configs(config)
+    template = jax.eval_shape(module.init, jax.random.PRNGKey(0),
+                              jnp.zeros((1, data.image_size, data.image_size, data.channels)))
+    template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
+    variables = flax.serialization.from_bytes(template, (workdir / VARIABLES_FILE).read_bytes())
+    measured = workdir / "metrics.json"
+    info = json.loads(measured.read_text()) if measured.is_file() else {}
+    return Classifier(module, variables, data, info)
+
+
+def feature_statistics(extractor: metrics.FeatureExtractor, images, total=None, progress=False,
+                       desc="features") -> metrics.FIDStatistics:
+    """float64 mean and covariance of the classifier features of `images` (streamed)."""
+    running = metrics.RunningStatistics()
+    for out in extractor.batches(images, total, progress, desc):
+        running.update(out["features"])
+    return running.result()
+
+
+def _check_images(path, shape, dtype, data: data_lib.DataConfig) -> None:
+    want = (data.image_size, data.image_size, data.channels)
+    if dtype != np.uint8 or len(shape) != 4 or tuple(shape[1:]) != want:
+        raise ValueError(
+            f"{os.fspath(path)!r}: arr_0 is {dtype} {list(shape)}, but this classifier scores "
+            f"uint8 [N, {want[0]}, {want[1]}, {want[2]}] images (its data config: image_size="
+            f"{data.image_size}, channels={data.channels}, resize={data.resize!r}); write samples "
+            f"of the model trained on that data, as python -m diffjax.sample does")
+
+
+def reference_statistics(classifier: Classifier, extractor, ref=None, workdir=None,
+                         progress=False) -> tuple[metrics.FIDStatistics, str]:
+    """(statistics, description) of the reference: a GD-layout npz `ref` (arr_0 images, or
+    precomputed mu / sigma of these classifier features), else the workdir's training-split
+    statistics."""
+    if ref is None:
+        if workdir is None or not (pathlib.Path(workdir) / REFERENCE_FILE).is_file():
+            raise FileNotFoundError(
+                f"no reference: pass --ref REF.npz (arr_0 uint8 images) or use a classifier "
+                f"workdir holding {REFERENCE_FILE} (written by train_classifier)")
+        ref = pathlib.Path(workdir) / REFERENCE_FILE
+        with np.load(ref) as f:
+            return metrics.FIDStatistics(f["mu"], f["sigma"]), "training split"
+    keys = metrics.npz_keys(ref)
+    if "mu" in keys and "sigma" in keys:
+        with np.load(ref) as f:
+            mu, sigma = np.asarray(f["mu"], np.float64), np.asarray(f["sigma"], np.float64)
+        if mu.shape != (classifier.module.features,):
+            raise ValueError(
+                f"{os.fspath(ref)!r} stores mu of shape {mu.shape}, not statistics of this "
+                f"classifier's {classifier.module.features} features (an Inception reference "
+                f"batch?): pass a batch with arr_0 images instead")
+        return metrics.FIDStatistics(mu, sigma), os.path.basename(os.fspath(ref))
+    shape, dtype = metrics.npz_array_info(ref, "arr_0")
+    _check_images(ref, shape, dtype, classifier.data)
+    stats = feature_statistics(extractor, metrics.iter_npz_array(ref, "arr_0", 1024), shape[0],
+                               progress, "reference")
+    return stats, f"{os.fspath(ref)} ({shape[0]} images)"
+
+
+def evaluate_samples(classifier_path, samples_path, ref=None, batch_size: int = 256,
+                     progress: bool = True) -> dict:
+    """The classifier-feature metrics of a GD sample batch: {"frechet_distance", "accuracy"
+    (None without arr_1 labels), "num_samples", "reference", "classifier_test_accuracy"}."""
+    classifier = load_classifier(classifier_path)
+    extractor = classifier.extractor(batch_size)
+    workdir = pathlib.Path(classifier_path)
+    workdir = workdir.parent if workdir.name == VARIABLES_FILE else workdir
+    ref_stats, ref_name = reference_statistics(classifier, extractor, ref, workdir, progress)
+    shape, dtype = metrics.npz_array_info(samples_path, "arr_0")
+    _check_images(samples_path, shape, dtype, classifier.data)
+    labels = None
+    if "arr_1" in metrics.npz_keys(samples_path):
+        with np.load(samples_path) as f:
+            labels = np.asarray(f["arr_1"]).reshape(-1)
+        if len(labels) != shape[0]:
+            raise ValueError(f"{os.fspath(samples_path)!r}: arr_1 holds {len(labels)} labels for "
+                             f"{shape[0]} images; GD's layout has one label per image")
+    running, logits = metrics.RunningStatistics(), []
+    for out in extractor.batches(metrics.iter_npz_array(samples_path, "arr_0", 1024), shape[0],
+                                 progress, "samples"):
+        running.update(out["features"])
+        logits.append(out["logits"])
+    logits = np.concatenate(logits)
+    return {
+        "frechet_distance": running.result().frechet_distance(ref_stats),
+        "accuracy": None if labels is None else accuracy(logits, labels),
+        "num_samples": int(shape[0]),
+        "reference": ref_name,
+        "classifier_test_accuracy": classifier.metrics.get("test_accuracy"),
+    }
+
+
+# ------------------------------------------------------------------------------ command line
+
+
+def main(argv=None) -> int:
+    from diffjax.sample import load_config
+
+    p = argparse.ArgumentParser(prog="python -m diffjax.evaluate.classifier",
+                                description="Train the feature classifier of the "
+                                            "classifier-feature metrics.")
+    p.add_argument("--config", required=True,
+                   help="path.py[:arg], e.g. configs/feature_classifier_fashion_mnist.py")
+    p.add_argument("--workdir", required=True, help="where the classifier is saved")
+    p.add_argument("--steps", type=int, help="override train.total_steps")
+    args = p.parse_args(argv)
+    config = load_config(args.config)
+    if args.steps is not None:
+        config.train.total_steps = args.steps
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    classifier = train_classifier(config, args.workdir, log=log, progress=True)
+    print(json.dumps(classifier.metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
