@@ -16,11 +16,14 @@ twice the target, BICUBIC-resize the short side to the target, centre crop, scal
 random horizontal flip. Small datasets whose images are smaller than the target ("pad" mode, the
 Fashion-MNIST default) are padded with -1 instead.
 
-Order: the process's shard (a contiguous 1/process_count of the records) is shuffled with `seed`,
-reshuffled every epoch (grain seeds each epoch's permutation from the seed and the epoch number),
-and cut into batches. Batch k is a pure function of (seed, k, process), so the iterator state is
-just the index of the next batch: saved in the checkpoint, a resumed run continues with the very
-next batch.
+Order: one global stream, independent of how many processes read it. Every epoch is a permutation
+of all records seeded by (seed, epoch) (grain's shuffle), with each record's random flip seeded by
+its position in the stream; global batch k is stream elements [k B, (k + 1) B) (B = the global
+batch size). Process p of P reads only rows [p B / P, (p + 1) B / P) of every global batch, the
+rows that `jax.make_array_from_process_local_data` places on its devices. So global batch k is the
+same set of images, in the same row order, whether 1 or 64 processes assemble it, and the iterator
+state is just k, the index of the next global batch: saved in the checkpoint, a resumed run
+continues with the very next batch, with any number of processes.
 """
 from __future__ import annotations
 
@@ -34,6 +37,8 @@ import grain
 import jax
 import numpy as np
 from PIL import Image
+
+from diffjax import paths
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)  # the Debian package's files
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -58,11 +63,18 @@ class DataConfig:
     resize: str = "pad"
     random_flip: bool = True
     seed: int = 0
+    # Captions (GLIDE; see "captions" below): the caption feature ("" = none), the tokenizer
+    # (glide-text2im's tokenizer folder, or "bytes") and the tokens per caption.
+    captions: str = ""
+    tokenizer: str = ""
+    text_ctx: int = 128
 
     def __post_init__(self):
-        if not (self.source in ("fashion_mnist", "folder") or self.source.startswith("tfds:")):
+        if not (self.source in ("fashion_mnist", "folder", "shapes")
+                or self.source.startswith("tfds:")):
             raise ValueError(f"data.source={self.source!r} is unknown: use 'fashion_mnist', "
-                             f"'folder' (with data.path) or 'tfds:<name>'")
+                             f"'folder' (with data.path), 'shapes' or 'tfds:<name>'")
+        _check_caption_config(self)
         if self.resize not in ("center_crop", "pad"):
             raise ValueError(f"data.resize={self.resize!r}: choose 'center_crop' or 'pad'")
         if self.channels not in (1, 3):
@@ -74,8 +86,9 @@ class DataConfig:
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """An IDX file (gzipped or not) as a uint8 array: images [N, 28, 28], labels [N]."""
-    path = pathlib.Path(path)
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    path = paths.as_path(path)  # local or gs://...
+    raw = path.read_bytes()
+    raw = gzip.decompress(raw) if path.suffix == ".gz" else raw
     zero, dtype_code, ndim = raw[0] | raw[1], raw[2], raw[3]
     if zero != 0 or dtype_code != 0x08:
         raise ValueError(f"{path} is not an unsigned-byte IDX file (magic {raw[:4].hex()})")
@@ -102,8 +115,8 @@ def fashion_mnist(split: str = "train", path: str = "") -> tuple[np.ndarray, np.
     tried = [path] if path else []
     tried += [os.environ.get("DIFFJAX_FASHION_MNIST", "")] + list(FASHION_MNIST_DIRS)
     for directory in filter(None, tried):
-        images = _find_idx(pathlib.Path(directory), f"{prefix}-images-idx3-ubyte")
-        labels = _find_idx(pathlib.Path(directory), f"{prefix}-labels-idx1-ubyte")
+        images = _find_idx(paths.as_path(directory), f"{prefix}-images-idx3-ubyte")
+        labels = _find_idx(paths.as_path(directory), f"{prefix}-labels-idx1-ubyte")
         if images and labels:
             return read_idx(images)[..., None], read_idx(labels).astype(np.int32)
     try:
@@ -129,7 +142,10 @@ def _tfds_source(name: str, split: str, data_dir: str | None):
 def list_image_files(directory: str | os.PathLike) -> list[str]:
     """Every image file under `directory`, recursively, sorted (GD's _list_image_files_recursively)."""
     found = []
-    for root, _, files in os.walk(directory):
+    if paths.is_remote(directory):  # a bucket: epath's recursive glob (os.walk is local only)
+        found = [os.fspath(f) for f in paths.as_path(directory).rglob("*")
+                 if f.suffix[1:].lower() in IMAGE_EXTENSIONS]
+    for root, _, files in os.walk(directory) if not found else ():
         found += [os.path.join(root, f) for f in files
                   if "." in f and f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS]
     if not found:
@@ -156,7 +172,8 @@ class ImageFolderSource:
         return len(self.files)
 
     def __getitem__(self, i):
-        with Image.open(self.files[i]) as im:
+        name = self.files[i]
+        with Image.open(paths.as_path(name).open("rb") if paths.is_remote(name) else name) as im:
             image = np.asarray(im.convert(self.mode))
         return {"image": image, "label": self.labels[i]}
 
@@ -177,6 +194,8 @@ class ArraySource:
 def make_source(config: DataConfig, split: str | None = None):
     """The random-access source of a DataConfig (records {"image": uint8 HWC, "label"})."""
     split = split or config.split
+    if config.source == "shapes" or (config.source == "folder" and config.captions):
+        return make_caption_source(config, split)
     if config.source == "fashion_mnist":
         return ArraySource(*fashion_mnist(split, config.path))
     if config.source == "folder":
@@ -235,36 +254,57 @@ def preprocess(config: DataConfig, record: dict, rng: np.random.Generator | None
     if rng is not None and config.random_flip and rng.random() < 0.5:
         image = image[:, ::-1]
     label = record.get("label", 0)
-    return {"image": to_model_range(image), "label": np.int32(label)}
+    out = {"image": to_model_range(image), "label": np.int32(label)}
+    if config.captions:
+        out.update(caption_tokens(config, record, rng))
+    return out
 
 
 # --------------------------------------------------------------------------- batches
 
 
-def process_shard(num_records: int, index: int, count: int) -> slice:
-    """The contiguous slice of records of process `index` of `count`; every process gets the same
-    number (the remainder is dropped) so that all take the same number of steps."""
-    per = num_records // count
-    if per == 0:
-        raise ValueError(f"{num_records} records cannot be split across {count} processes")
-    return slice(index * per, (index + 1) * per)
+class _ProcessRows(grain.MapDataset):
+    """Element i = (k, j) of this dataset is row p b + j of global batch k of the parent stream
+    (b = B / P rows per process): `.batch(b)` of it gives process p's slice of every global batch,
+    and only those records are ever read and preprocessed."""
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int,
+                 process_count: int):
+        super().__init__(parent)
+        self.global_batch, self.rows = global_batch, global_batch // process_count
+        self.offset = process_index * self.rows
+
+    def __len__(self) -> int:
+        return len(self._parent) // self.global_batch * self.rows
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        batch, row = divmod(index, self.rows)
+        return self._parent[batch * self.global_batch + self.offset + row]
 
 
-def batched_dataset(config: DataConfig, source, local_batch: int, *, process_index: int = 0,
+def batched_dataset(config: DataConfig, source, global_batch: int, *, process_index: int = 0,
                     process_count: int = 1) -> grain.MapDataset:
-    """An infinite grain MapDataset whose element k is batch k of this process."""
-    ds = grain.MapDataset.source(source)
-    ds = ds[process_shard(len(source), process_index, process_count)]
-    # One seed per process for shuffle and flips, so that shards are shuffled independently.
-    ds = ds.seed(config.seed * 1_000_003 + process_index).shuffle().repeat(None)
+    """An infinite grain MapDataset whose element k is process `process_index`'s rows of global
+    batch k: {"image": [global_batch / process_count, S, S, C], "label": [...]}."""
+    if global_batch % process_count:
+        raise ValueError(f"global batch_size={global_batch} is not divisible by the "
+                         f"{process_count} processes: choose a multiple of {process_count}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+    # One stream for all processes: shuffle and flips depend on the seed and the position only.
+    ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat(None)
     ds = ds.random_map(lambda record, rng: preprocess(config, record, rng))
-    return ds.batch(local_batch, drop_remainder=True)
+    ds = _ProcessRows(ds, global_batch, process_index, process_count)
+    return ds.batch(global_batch // process_count, drop_remainder=True)
 
 
 class BatchIterator:
-    """Batches of this process: `next()` -> {"image": [B, S, S, C] float32, "label": [B] int32}
-    (B = the process's share of the global batch); `next(n)` stacks n batches -> [n, B, ...].
-    `get_state()` / `set_state()` give the index of the next batch (JSON-serialisable)."""
+    """Batches of this process: `next()` -> {"image": [b, S, S, C] float32, "label": [b] int32}
+    (b = the process's rows of the global batch); `next(n)` stacks n batches -> [n, b, ...].
+    `get_state()` / `set_state()` give the index of the next GLOBAL batch (JSON-serialisable, the
+    same on every process, valid for any process count)."""
 
     def __init__(self, dataset: grain.MapDataset, next_batch: int = 0):
         self.dataset = dataset
@@ -290,10 +330,11 @@ class BatchIterator:
         self.next_batch = int(state["next_batch"])
 
 
-def make_iterator(config: DataConfig, local_batch: int, state: dict | None = None) -> BatchIterator:
-    """The training iterator of this process (jax.process_index() of jax.process_count())."""
+def make_iterator(config: DataConfig, global_batch: int, state: dict | None = None) -> BatchIterator:
+    """The training iterator of this process (jax.process_index() of jax.process_count()): its
+    rows of each global batch of `global_batch` images."""
     source = make_source(config)
-    dataset = batched_dataset(config, source, local_batch, process_index=jax.process_index(),
+    dataset = batched_dataset(config, source, global_batch, process_index=jax.process_index(),
                               process_count=jax.process_count())
     iterator = BatchIterator(dataset)
     if state:
@@ -322,8 +363,129 @@ def num_classes(config: DataConfig) -> int | None:
 
 
 def class_names(config: DataConfig) -> Sequence[str] | None:
+    if config.captions:  # captioned data is labelled by its captions
+        return None
     if config.source == "fashion_mnist":
         return FASHION_MNIST_CLASSES
     if config.source == "folder":
         return sorted({class_from_filename(f) for f in list_image_files(config.path)})
     return None
+
+
+# --------------------------------------------------------------------------- captions (GLIDE)
+#
+# Image-caption pairs for text-conditional training. `data.captions` names the caption: a feature
+# of a tfds dataset ("caption", or "captions/text" for a nested one; a list of captions gives one
+# at random per read), the extension of the same-stem caption files of an image folder ("txt":
+# dir/cat_01.png + dir/cat_01.txt), or "caption" for the synthetic "shapes" source. Captions are
+# tokenized in the data pipeline with `data.tokenizer` (see diffjax.text2im.load_tokenizer) into
+# "tokens" [text_ctx] int32 and "mask" [text_ctx] bool (True for real tokens), GLIDE's model inputs.
+
+SHAPE_COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 60, 235)}
+SHAPE_KINDS = ("square", "circle")
+
+
+def _check_caption_config(config: DataConfig) -> None:
+    if config.source == "shapes" and config.captions not in ("", "caption"):
+        raise ValueError(f"data.captions={config.captions!r}: the shapes source's caption feature "
+                         f"is 'caption'")
+    if config.captions and not config.tokenizer:
+        raise ValueError(f"data.captions={config.captions!r} needs data.tokenizer: the folder of "
+                         f"glide-text2im's tokenizer files (glide_text2im/tokenizer/, with "
+                         f"encoder.json.gz and vocab.bpe.gz) or 'bytes' (byte-level, 257 tokens)")
+    if config.captions and config.text_ctx < 1:
+        raise ValueError(f"data.text_ctx={config.text_ctx} must be >= 1 (GLIDE: 128)")
+
+
+class ShapesSource:
+    """Synthetic captioned shapes, made on the fly and deterministic per index: a red, green or
+    blue filled square or circle (side / diameter 40-70 % of the image, anywhere inside it) on a
+    black background, captioned "<colour> <shape>"; label = colour index * 2 + shape index.
+    Records {"image": uint8 [size, size, 3], "label", "caption"}."""
+
+    def __init__(self, size: int, num: int = 10_000, seed: int = 0):
+        self.size, self.num, self.seed = size, num, seed
+
+    def __len__(self) -> int:
+        return self.num
+
+    def __getitem__(self, i):
+        rng = np.random.default_rng([self.seed, int(i)])
+        colour, kind = rng.integers(len(SHAPE_COLOURS)), rng.integers(len(SHAPE_KINDS))
+        image = render_shape(self.size, list(SHAPE_COLOURS)[colour], SHAPE_KINDS[kind], rng)
+        return {"image": image, "label": np.int32(colour * len(SHAPE_KINDS) + kind),
+                "caption": f"{list(SHAPE_COLOURS)[colour]} {SHAPE_KINDS[kind]}"}
+
+
+def render_shape(size: int, colour: str, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """One filled shape of SHAPE_COLOURS[colour] on black: uint8 [size, size, 3]."""
+    extent = rng.uniform(0.4, 0.7) * size
+    cy, cx = rng.uniform(extent / 2, size - extent / 2, 2)
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    if kind == "circle":
+        inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= (extent / 2) ** 2
+    else:
+        inside = (np.abs(yy - cy) <= extent / 2) & (np.abs(xx - cx) <= extent / 2)
+    image = np.zeros((size, size, 3), np.uint8)
+    image[inside] = SHAPE_COLOURS[colour]
+    return image
+
+
+class CaptionedFolderSource(ImageFolderSource):
+    """An image folder whose every image has a same-stem caption file (`extension`, e.g. "txt")."""
+
+    def __init__(self, directory: str, channels: int = 3, extension: str = "txt"):
+        super().__init__(directory, channels)
+        self.caption_files = [os.path.splitext(f)[0] + "." + extension for f in self.files]
+        missing = [c for c in self.caption_files if not os.path.exists(c)]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} of {len(self.files)} images have no caption "
+                                    f"file, e.g. {missing[0]}: write one .{extension} per image "
+                                    f"(same name), or unset data.captions")
+
+    def __getitem__(self, i):
+        record = super().__getitem__(i)
+        with open(self.caption_files[i], encoding="utf-8") as f:
+            record["caption"] = f.read().strip()
+        return record
+
+
+def make_caption_source(config: DataConfig, split: str):
+    if config.source == "shapes":
+        # Disjoint synthetic records per split.
+        return ShapesSource(config.image_size, seed=config.seed * 7919 + (split != "train"))
+    if not config.path:
+        raise ValueError("data.source='folder' needs data.path, the directory of images and "
+                         "captions: pass --config.data.path=/path/to/images")
+    return CaptionedFolderSource(config.path, config.channels, config.captions)
+
+
+def caption_text(record: dict, feature: str, rng: np.random.Generator | None) -> str:
+    """The caption of a record: feature "a/b" reads record["a"]["b"]; bytes are decoded as UTF-8;
+    of several captions one is chosen with `rng` (the first without)."""
+    value = record
+    for part in feature.split("/"):
+        if not isinstance(value, dict) or part not in value:
+            have = sorted(value) if isinstance(value, dict) else type(value).__name__
+            raise KeyError(f"data.captions={feature!r}: no feature {part!r} in the record "
+                           f"(it has {have})")
+        value = value[part]
+    if isinstance(value, (list, tuple, np.ndarray)) and not isinstance(value, (str, bytes)):
+        values = list(np.asarray(value, dtype=object).reshape(-1))
+        if not values:
+            return ""
+        value = values[int(rng.integers(len(values))) if rng is not None else 0]
+    if isinstance(value, (bytes, np.bytes_)):
+        value = bytes(value).decode("utf-8")
+    return str(value)
+
+
+def caption_tokens(config: DataConfig, record: dict, rng: np.random.Generator | None) -> dict:
+    """{"tokens": int32 [text_ctx], "mask": bool [text_ctx]} of the record's caption."""
+    from diffjax import text2im
+    from diffjax.tokenizer import tokens_and_mask
+
+    tokenizer = text2im.load_tokenizer(config.tokenizer)
+    tokens, mask = tokens_and_mask(tokenizer, caption_text(record, config.captions, rng),
+                                   config.text_ctx)
+    return {"tokens": tokens[0], "mask": mask[0]}

@@ -17,6 +17,10 @@ every device, parameters / EMA / optimizer state over "fsdp" when asked; the sta
 and the data order only on (seed, batch index), so a run resumed from a checkpoint reproduces an
 uninterrupted run bit for bit on the same machine.
 
+Multi-host (diffjax.distributed, launch/): the same command on every process of a TPU pod or GPU
+cluster; each process feeds its rows of every global batch, process 0 writes metrics and images,
+all write their checkpoint shards, and a preemption notice stops all at one agreed step.
+
 Tasks (what guided-diffusion, improved-diffusion and GLIDE train):
 * task="diffusion", conditioning "none" | "class" | "classifier_free" (labels replaced by the null
   label `num_classes` with probability `label_dropout`), `super_res.small_size` > 0 for the
@@ -34,6 +38,7 @@ import pathlib
 import socket
 import struct
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -46,15 +51,17 @@ import optax
 
 from diffjax import data as data_lib
 from diffjax import diffusion as D
+from diffjax import distributed
 from diffjax import images as images_lib
 from diffjax import parallel
+from diffjax import paths
 from diffjax import schedules as S
 from diffjax import timestep_sampling
 from diffjax.checkpoints import manager as ckpt_lib
 from diffjax.compat import gd_models
 
 TASKS = ("diffusion", "classifier")
-CONDITIONINGS = ("none", "class", "classifier_free")
+CONDITIONINGS = ("none", "class", "classifier_free", "text")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -113,6 +120,9 @@ class TrainConfig:
     schedule_sampler: str = "uniform"
     small_size: int = 0  # > 0: super-resolution from small_size x small_size
     seed: int = 0
+    # GLIDE (conditioning="text"): empty-caption probability; inpainting with random masks.
+    caption_dropout: float = 0.0
+    inpaint: bool = False
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -120,7 +130,8 @@ class TrainConfig:
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"train.conditioning={self.conditioning!r}: choose one of "
                              f"{CONDITIONINGS}")
-        if (self.conditioning != "none" or self.task == "classifier") and self.num_classes < 1:
+        if (self.conditioning not in ("none", "text") or self.task == "classifier") \
+                and self.num_classes < 1:
             raise ValueError(f"train.num_classes={self.num_classes}: conditioning="
                              f"{self.conditioning!r} / task={self.task!r} needs the number of "
                              f"classes (e.g. 10 for Fashion-MNIST)")
@@ -129,6 +140,7 @@ class TrainConfig:
         if self.label_dropout and self.conditioning != "classifier_free":
             raise ValueError(f"train.label_dropout={self.label_dropout} only applies with "
                              f"conditioning='classifier_free' (got {self.conditioning!r})")
+        _check_text_config(self)
         if self.microbatch and self.batch_size % self.microbatch:
             raise ValueError(f"train.microbatch={self.microbatch} does not divide train.batch_size="
                              f"{self.batch_size}: choose a divisor, or 0 for no accumulation")
@@ -148,7 +160,7 @@ class TrainConfig:
     @property
     def model_num_classes(self) -> int | None:
         """Label-embedding rows: one more for classifier-free guidance's null label."""
-        if self.conditioning == "none":
+        if self.conditioning in ("none", "text"):
             return None
         return self.num_classes + (self.conditioning == "classifier_free")
 
@@ -311,6 +323,7 @@ class Trainer:
     config: TrainConfig
     optim: OptimConfig
     image_shape: tuple
+    text: Any = None  # TextSetup of a text-conditional (GLIDE) model
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -340,6 +353,8 @@ class Trainer:
         cfg, kwargs = self.config, {}
         if cfg.task == "classifier":  # the labels are its targets, not an input
             return kwargs
+        if cfg.conditioning == "text":
+            return text_model_kwargs(self, batch, key)
         if cfg.conditioning != "none":
             y = batch["label"].astype(jnp.int32)
             if cfg.label_dropout:
@@ -466,8 +481,9 @@ def compile_steps(trainer: Trainer, mesh, state_sharding):
     """`train_steps` jitted over `mesh`: state in and out with `state_sharding` (donated), the
     stacked batches split over every device, metrics replicated."""
     batch_sh = parallel.batch_sharding(mesh, ndim_leading=1)
+    # One sharding for every leaf of the batch, whatever its keys (image, label, tokens, mask).
     return jax.jit(trainer.train_steps,
-                   in_shardings=(state_sharding, {"image": batch_sh, "label": batch_sh}),
+                   in_shardings=(state_sharding, batch_sh),
                    out_shardings=(state_sharding, parallel.replicated(mesh)),
                    donate_argnums=0)
 
@@ -499,8 +515,14 @@ def trainer_from_config(config: ml_collections.ConfigDict):
         diffusion_flags.pop("timestep_respacing", None)  # sampling-time respacing
         module = module.clone(dtype=train_cfg.resolved_dtype(), use_checkpoint=train_cfg.remat)
         init_params = variables["params"]
+    text = None
+    if train_cfg.conditioning == "text":
+        diffusion_flags = glide_diffusion_flags(diffusion_flags)
+        module, init_params, text = text_model_setup(
+            config, train_cfg, data_cfg, module if config.get("init_from") else None, init_params,
+            bool(diffusion_flags["learn_sigma"]))
     sched, dcfg = diffusion_from_flags(diffusion_flags)
-    if not config.get("init_from"):
+    if not config.get("init_from") and text is None:
         module = build_model(dict(config.model), train_cfg, data_cfg.image_size, data_cfg.channels,
                              bool(diffusion_flags.get("learn_sigma", False)))
     optim_cfg = _dataclass_from(OptimConfig, config.optim, total_steps=train_cfg.total_steps)
@@ -508,7 +530,8 @@ def trainer_from_config(config: ml_collections.ConfigDict):
                                                               sched.num_timesteps)
     trainer = Trainer(module=module, schedule=sched, diffusion=dcfg, sampler=sampler,
                       optimizer=make_optimizer(optim_cfg), config=train_cfg, optim=optim_cfg,
-                      image_shape=(data_cfg.image_size, data_cfg.image_size, data_cfg.channels))
+                      image_shape=(data_cfg.image_size, data_cfg.image_size, data_cfg.channels),
+                      text=text)
     return trainer, data_cfg, init_params
 
 
@@ -575,17 +598,29 @@ class MetricWriter:
     tf.summary); the event-file format is small (TFRecord framing + two protobuf messages), so it
     is written here with no dependency."""
 
+    UPLOAD_EVERY_S = 60.0  # a gs:// workdir: how often the staged files are copied up
+
     def __init__(self, workdir: str | os.PathLike, console: bool = True):
         self.active = jax.process_index() == 0
         self.console = console
         if not self.active:
             return
-        workdir = pathlib.Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(workdir / "metrics.jsonl", "a")
+        self.workdir = paths.as_path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # A bucket object cannot be appended to: write to a local staging folder and copy the
+        # whole files up (every UPLOAD_EVERY_S seconds and at close); a local workdir is written
+        # in place.
+        self._remote = paths.is_remote(self.workdir)
+        local = pathlib.Path(tempfile.mkdtemp(prefix="diffjax_metrics_")) if self._remote \
+            else pathlib.Path(os.fspath(self.workdir))
+        if self._remote and (self.workdir / "metrics.jsonl").exists():  # a resumed run appends
+            (local / "metrics.jsonl").write_bytes((self.workdir / "metrics.jsonl").read_bytes())
+        self._local, self._uploaded = local, time.monotonic()
+        self._jsonl = open(local / "metrics.jsonl", "a")
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
-        (workdir / "tensorboard").mkdir(exist_ok=True)
-        self._events = open(workdir / "tensorboard" / name, "ab")
+        (local / "tensorboard").mkdir(exist_ok=True)
+        self._events_name = name
+        self._events = open(local / "tensorboard" / name, "ab")
         self._write_record(_event(0, time.time(), version="brain.Event:2"))
 
     def _write_record(self, data: bytes):
@@ -604,13 +639,22 @@ class MetricWriter:
             text = ", ".join(f"{k}={v:.4g}" for k, v in scalars.items())
             print(f"[step {step}] {text}", file=sys.stderr, flush=True)
 
-    def flush(self):
-        if self.active:
-            self._jsonl.flush()
-            self._events.flush()
+    def flush(self, upload: bool = False):
+        """Flush to disk; for a gs:// workdir also copy up, when `upload` or when the last copy
+        is UPLOAD_EVERY_S old."""
+        if not self.active:
+            return
+        self._jsonl.flush()
+        self._events.flush()
+        if self._remote and (upload or time.monotonic() - self._uploaded > self.UPLOAD_EVERY_S):
+            for rel in ("metrics.jsonl", f"tensorboard/{self._events_name}"):
+                (self.workdir / rel).parent.mkdir(parents=True, exist_ok=True)
+                (self.workdir / rel).write_bytes((self._local / rel).read_bytes())
+            self._uploaded = time.monotonic()
 
     def close(self):
         if self.active:
+            self.flush(upload=True)
             self._jsonl.close()
             self._events.close()
 
@@ -639,6 +683,7 @@ class EvalConfig:
     bpd_split: str = "test"
     batch: int = 200
     seed: int = 0
+    prompts: tuple = ()  # text-conditional models: one row of per_class samples per prompt
 
 
 def sample_images(trainer: Trainer, params, key, eval_cfg: EvalConfig, diffusion_flags: dict):
@@ -649,6 +694,8 @@ def sample_images(trainer: Trainer, params, key, eval_cfg: EvalConfig, diffusion
     from diffjax import guidance as G
 
     cfg = trainer.config
+    if cfg.conditioning == "text":
+        return sample_text_images(trainer, params, key, eval_cfg, diffusion_flags)
     sched, dcfg = diffusion_from_flags({**diffusion_flags, "timestep_respacing": eval_cfg.respacing})
     model = (trainer.module, {"params": params})
     channels = trainer.image_shape[-1]
@@ -789,7 +836,7 @@ def _write_samples(trainer, state, eval_cfg, diffusion_flags, path, class_names=
     if jax.process_index() == 0:
         grid = images_lib.grid(images_lib.to_uint8(images), eval_cfg.per_class, scale=3,
                                row_labels=labels)
-        grid.save(path)
+        paths.write_with(path, grid.save)
     return images
 
 
@@ -797,7 +844,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     """Train (resuming from workdir/checkpoints when it holds a checkpoint), then sample a grid,
     estimate bits/dim and write PNGs and metrics to `workdir`. Returns the final metrics."""
     wall_start = time.perf_counter()
-    workdir = pathlib.Path(workdir).absolute()
+    workdir = paths.as_path(workdir)  # local or gs://...: one code path (etils.epath)
     workdir.mkdir(parents=True, exist_ok=True)
     trainer, data_cfg, init_params = trainer_from_config(config)
     tc, eval_cfg = trainer.config, _eval_config(config)
@@ -807,7 +854,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         raise ValueError(f"checkpoint.every={ckpt_cfg.every} must be a multiple of "
                          f"train.steps_per_dispatch={tc.steps_per_dispatch}")
     mesh = parallel.make_mesh(tc.fsdp)
-    local_batch = parallel.local_batch_size(tc.batch_size, mesh)
+    parallel.local_batch_size(tc.batch_size, mesh)  # checks that every device gets a share
     if process0 := jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
@@ -822,7 +869,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         state, data_state = jax.jit(init, out_shardings=state_sh)(key), None
     else:
         state, data_state = restored
-    iterator = data_lib.make_iterator(data_cfg, local_batch, data_state)
+    # Each process reads only its rows of every global batch (data.py: "Order").
+    iterator = data_lib.make_iterator(data_cfg, tc.batch_size, data_state)
     step = int(state.step)
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     batch_sh = parallel.batch_sharding(mesh, ndim_leading=1)
@@ -859,12 +907,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 logger.add(*pending)
             pending = (first, metrics)
             bar.update(tc.steps_per_dispatch)
-            save = step % ckpt_cfg.every == 0 or step == tc.total_steps or bool(preempted)
+            # Every process calls reached() after every dispatch: with several processes it is
+            # JAX's agreement on one step, so that all save the same one.
+            stop = preempted.reached(step // tc.steps_per_dispatch)
+            save = step % ckpt_cfg.every == 0 or step == tc.total_steps or stop
             if save:
                 logger.add(*pending)  # a diverged run raises here, before anything is saved
                 pending = None
                 ckpts.save(step, state, iterator.get_state(), force=True)
-            if preempted:
+            if stop:
                 ckpts.wait()
                 print(f"diffjax.train: SIGTERM: saved step {step}, exiting; rerun the same "
                       f"command to resume", file=sys.stderr, flush=True)
@@ -887,6 +938,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if logger.losses:
         tail = [l for _, l in logger.losses[-max(len(logger.losses) // 10, 1):]]
         final["final_loss"] = float(np.mean(tail))
+    writer.flush(upload=True)  # _final_outputs reads metrics.jsonl back from the workdir
     final.update(_final_outputs(trainer, state, eval_cfg, data_cfg, diffusion_flags, workdir))
     final["wall_s"] = time.perf_counter() - wall_start
     writer.close()
@@ -905,8 +957,8 @@ def _final_outputs(trainer, state, eval_cfg, data_cfg, diffusion_flags, workdir)
         rows = [r for r in rows if "loss" in r]
         rows = list({r["step"]: r for r in rows}.values())  # a resumed run may repeat steps
         if rows:
-            images_lib.loss_curve([r["step"] for r in rows], [r["loss"] for r in rows],
-                       workdir / "loss_curve.png")
+            paths.write_with(workdir / "loss_curve.png", functools.partial(
+                images_lib.loss_curve, [r["step"] for r in rows], [r["loss"] for r in rows]))
     if trainer.config.task != "diffusion" or trainer.config.small_size or not eval_cfg.per_class:
         return out
     start = time.perf_counter()
@@ -937,17 +989,173 @@ def main(argv=None) -> None:
 
     config_flags.DEFINE_config_file("config", str(_DEFAULT_CONFIG),
                                     "experiment config (configs/*.py)", lock_config=True)
-    flags.DEFINE_string("workdir", None, "checkpoints, metrics and images go here")
+    flags.DEFINE_string("workdir", None, "checkpoints, metrics and images go here (a local "
+                        "path, or gs://bucket/dir: every process of a multi-host run must see it)")
     flags.mark_flags_as_required(["workdir"])
+    distributed.define_flags()
 
     def run(_):
         from absl import logging
 
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+        # Before any computation: the processes of a pod / cluster become one JAX program.
+        distributed.initialize(distributed.config_from_flags(flags.FLAGS))
+        distributed.exit_on_error(train_and_evaluate, flags.FLAGS.config, flags.FLAGS.workdir)
 
     app.run(run, argv=argv)
 
 
+# =========================================================================== GLIDE: text conditioning
+#
+# conditioning="text" trains GLIDE's text-conditional UNets (diffjax.models.glide) on image-caption
+# batches {"image", "tokens", "mask"} (data.captions): captions dropped to the empty one with
+# probability caption_dropout (GLIDE: 0.2) for classifier-free guidance; inpaint=True adds random
+# masks (diffjax.text2im.random_inpaint_masks) and the inpainting model's inputs; small_size > 0 the
+# text-conditional upsampler (low_res = the area-downsampled batch, quantised to 8 bits as GLIDE
+# samples it). With init_from a converted GLIDE checkpoint of another class (text2im -> inpaint,
+# upsample -> upsample-inpaint) the new input channels start at zero (GLIDE paper, sec. 4).
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSetup:
+    """What the step and the sampler need to know about captions."""
+
+    tokenizer: str
+    text_ctx: int
+    pad_token: int
+
+
+def _check_text_config(cfg: TrainConfig) -> None:
+    if not 0.0 <= cfg.caption_dropout < 1.0:
+        raise ValueError(f"train.caption_dropout={cfg.caption_dropout} must be in [0, 1) "
+                         f"(GLIDE: 0.2)")
+    if (cfg.caption_dropout or cfg.inpaint) and cfg.conditioning != "text":
+        raise ValueError(f"train.caption_dropout / train.inpaint apply to GLIDE's text models: set "
+                         f"train.conditioning='text' (got {cfg.conditioning!r})")
+    if cfg.conditioning == "text" and cfg.task != "diffusion":
+        raise ValueError(f"train.conditioning='text' trains a diffusion model, not task="
+                         f"{cfg.task!r}")
+
+
+def glide_diffusion_flags(flags: dict) -> dict:
+    """GLIDE's diffusion flags in guided-diffusion's terms: squaredcos_cap_v2 is GD's "cosine";
+    learned-range variance unless learn_sigma is given."""
+    flags = dict(flags)
+    if flags.get("noise_schedule") == "squaredcos_cap_v2":
+        flags["noise_schedule"] = "cosine"
+    flags.setdefault("learn_sigma", True)
+    return flags
+
+
+def build_text_model(model_flags: dict, train: TrainConfig, data_cfg, n_vocab: int,
+                     learn_sigma: bool):
+    """A GLIDE model from glide-text2im's create_model flags (num_channels, attention_resolutions
+    as resolutions, xf_width, ...): Text2ImUNet, or the inpainting / super-resolution classes for
+    train.inpaint / train.small_size; text_ctx and n_vocab come from the data's tokenizer."""
+    from diffjax.compat import glide_text2im as GT
+
+    flags = dict(model_flags)
+    if flags.pop("text_ctx", data_cfg.text_ctx) != data_cfg.text_ctx:
+        raise ValueError(f"model.text_ctx={model_flags['text_ctx']} differs from data.text_ctx="
+                         f"{data_cfg.text_ctx}: set them equal (the captions' token count)")
+    if data_cfg.channels != 3:
+        raise ValueError(f"GLIDE models take RGB images: set data.channels=3 (got "
+                         f"{data_cfg.channels})")
+    module = GT.create_model(image_size=data_cfg.image_size, inpaint=train.inpaint,
+                             super_res=bool(train.small_size), use_fp16=False,
+                             text_ctx=data_cfg.text_ctx, n_vocab=n_vocab, **flags)
+    return module.clone(out_channels=6 if learn_sigma else 3, dtype=train.resolved_dtype(),
+                        use_checkpoint=train.remat)
+
+
+def text_model_setup(config, train: TrainConfig, data_cfg, loaded_module, loaded_params,
+                     learn_sigma: bool):
+    """(module, init params or None, TextSetup) of a text-conditional run. From a converted
+    checkpoint of a different GLIDE class the weights are carried over with zero weights for the
+    new input channels (diffjax.text2im.expand_input_channels)."""
+    from diffjax import text2im
+    from diffjax.compat import glide_text2im as GT
+
+    if not data_cfg.captions:
+        raise ValueError("train.conditioning='text' needs captions: set data.captions (the caption "
+                         "feature, 'txt' for an image folder with .txt files) and data.tokenizer")
+    tokenizer = text2im.load_tokenizer(data_cfg.tokenizer)
+    text = TextSetup(data_cfg.tokenizer, data_cfg.text_ctx, tokenizer.end_token)
+    if loaded_module is None:
+        return (build_text_model(dict(config.model), train, data_cfg, tokenizer.n_vocab,
+                                 learn_sigma), None, text)
+    text2im.check_tokenizer(tokenizer, loaded_module)
+    if getattr(loaded_module, "text_ctx", None) != data_cfg.text_ctx:
+        raise ValueError(f"init_from has text_ctx={getattr(loaded_module, 'text_ctx', None)}; set "
+                         f"data.text_ctx to it")
+    name = {(False, False): "Text2ImUNet", (True, False): "InpaintText2ImUNet",
+            (False, True): "SuperResText2ImUNet",
+            (True, True): "SuperResInpaintText2ImUNet"}[(train.inpaint, bool(train.small_size))]
+    target = GT.MODEL_CLASSES[name]
+    if type(loaded_module) is target:
+        return loaded_module, loaded_params, text
+    module = text2im.with_class(loaded_module, target)
+    args, kwargs = module.example_inputs(1)
+    shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *args, **kwargs))["params"]
+    params = text2im.expand_input_channels(module, shapes, loaded_module, loaded_params)
+    return module, params, text
+
+
+def text_model_kwargs(trainer: Trainer, batch: dict, key) -> dict:
+    """The text model's inputs for a batch: tokens / mask with caption dropout, plus low_res
+    (upsampler) and random-mask inpainting inputs."""
+    from diffjax import text2im
+
+    cfg, text = trainer.config, trainer.text
+    if "tokens" not in batch or "mask" not in batch:
+        raise ValueError(f"conditioning='text' needs batches with 'tokens' and 'mask' (got "
+                         f"{sorted(batch)}): set data.captions and data.tokenizer")
+    k_drop, k_mask = jax.random.split(key)
+    tokens, mask, _ = text2im.drop_captions(k_drop, batch["tokens"].astype(jnp.int32),
+                                            batch["mask"].astype(bool), cfg.caption_dropout,
+                                            text.pad_token)
+    kwargs = {"tokens": tokens, "mask": mask}
+    image = batch["image"].astype(jnp.float32)
+    if cfg.small_size:
+        kwargs["low_res"] = text2im.quantize_8bit(area_downsample(image, cfg.small_size))
+    if cfg.inpaint:
+        masks = text2im.random_inpaint_masks(k_mask, image.shape[0], image.shape[1])
+        kwargs.update(text2im.inpaint_kwargs(image, masks))
+    return kwargs
+
+
+def sample_text_images(trainer: Trainer, params, key, eval_cfg: EvalConfig, diffusion_flags):
+    """(images [P * per_class, H, W, C], prompts): per_class samples of each of eval.prompts (the
+    empty caption when none) with classifier-free guidance eval.guidance_scale."""
+    from diffjax import text2im
+    from diffjax.tokenizer import tokens_and_mask
+
+    text = trainer.text
+    prompts = list(eval_cfg.prompts) or [""]
+    sched, dcfg = diffusion_from_flags({**glide_diffusion_flags(diffusion_flags),
+                                        "timestep_respacing": eval_cfg.respacing})
+    tokens, mask = tokens_and_mask(text2im.load_tokenizer(text.tokenizer), prompts, text.text_ctx)
+    tokens, mask = (np.repeat(tokens, eval_cfg.per_class, 0), np.repeat(mask, eval_cfg.per_class, 0))
+    stage = text2im.Stage(trainer.module, {"params": params},
+                          _Diffusion(schedule=sched, config=dcfg))
+    inpaint = {}
+    if trainer.config.inpaint:  # nothing known: the inpainting model as a text2im one
+        inpaint = {"inpaint_image": np.zeros((len(tokens),) + trainer.image_shape, np.float32),
+                   "inpaint_mask": np.zeros((len(tokens),) + trainer.image_shape[:2] + (1,),
+                                            np.float32)}
+    images = text2im.sample_base(key, stage, tokens, mask, batch_size=len(tokens),
+                                 cfg_scale=eval_cfg.guidance_scale, pad_token=text.pad_token,
+                                 sampler=eval_cfg.sampler, **inpaint)
+    return images, prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class _Diffusion:
+    schedule: Any
+    config: Any
+
+
+# Last in the file: `python -m diffjax.train` runs the module top to bottom, so everything main()
+# reaches must be defined above this line.
 if __name__ == "__main__":
     main()

@@ -130,17 +130,43 @@ def test_random_flips_are_deterministic_and_about_half():
     assert 0.4 < flipped.mean() < 0.6
 
 
-def test_process_shards_are_disjoint_and_equal():
-    n, count = 103, 4
-    shards = [set(range(n)[D.process_shard(n, i, count)]) for i in range(count)]
-    assert all(len(s) == n // count for s in shards)
-    assert len(set.union(*shards)) == count * (n // count)
-    config = D.DataConfig(image_size=4)
-    seen = [np.concatenate([D.BatchIterator(D.batched_dataset(
-        config, _labelled_source(n), 5, process_index=i, process_count=count)).next()["label"]
-        for _ in range(1)]) for i in range(count)]
-    for i in range(count):
-        assert set(seen[i].tolist()) <= shards[i]
+@pytest.mark.parametrize("count", [2, 4])
+def test_processes_split_every_global_batch_into_contiguous_rows(count):
+    """Process p's batch k is rows [p B/P, (p+1) B/P) of global batch k of the one-process run
+    (images and flips included): the global batch does not depend on the process count."""
+    config, source = D.DataConfig(image_size=4, seed=3), _labelled_source(37)  # 37: epochs straddle
+    images = np.random.default_rng(0).integers(0, 256, (37, 4, 4, 1)).astype(np.uint8)
+    source = D.ArraySource(images, source.labels)
+    one = D.BatchIterator(D.batched_dataset(config, source, 8))
+    parts = [D.BatchIterator(D.batched_dataset(config, source, 8, process_index=p,
+                                               process_count=count)) for p in range(count)]
+    for _ in range(12):
+        whole, pieces = one.next(), [it.next() for it in parts]
+        assert all(len(x["label"]) == 8 // count for x in pieces)
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(whole[key], np.concatenate([x[key] for x in pieces]))
+
+
+def test_iterator_state_resumes_with_another_process_count():
+    """The state is the next global batch: saved by 1 process, it resumes 2 processes (and the
+    reverse) on the very next global batch."""
+    config, source = D.DataConfig(image_size=4, seed=5), _labelled_source(40)
+    one = D.BatchIterator(D.batched_dataset(config, source, 8))
+    expected = [one.next()["label"] for _ in range(7)]
+    state = {"next_batch": 4}
+    halves = []
+    for p in range(2):
+        it = D.BatchIterator(D.batched_dataset(config, source, 8, process_index=p, process_count=2))
+        it.set_state(state)
+        halves.append(it.next(3)["label"])
+        assert it.get_state() == {"next_batch": 7}
+    np.testing.assert_array_equal(np.concatenate(halves, axis=1), np.stack(expected[4:7]))
+
+
+def test_batch_not_divisible_by_processes_names_the_fix():
+    with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 processes"):
+        D.batched_dataset(D.DataConfig(image_size=4), _labelled_source(40), 6, process_index=0,
+                          process_count=4)
 
 
 def test_missing_fashion_mnist_names_the_fix(tmp_path, monkeypatch):

@@ -9,6 +9,12 @@ A checkpoint of step s holds two items:
 orbax writes each step into a temporary directory and renames it when complete, so a process
 killed at any moment (even SIGKILL) leaves the last finished checkpoint intact; the unfinished one
 is ignored on restart and its temporary directory cleaned up.
+
+Multi-host: every process calls save and restore. Each writes the shards its devices own (one
+copy of a replicated array), process 0 writes the JSON item and, after all processes are done
+(a barrier), commits the step by the rename; a run with a different number of processes restores
+it through the shardings of its own abstract target. The directory may be local (shared by all
+processes of a multi-host run) or gs://... (orbax reads and writes both through etils.epath).
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from diffjax import paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,18 +46,39 @@ class CheckpointConfig:
 
 
 class PreemptionFlag:
-    """Set by SIGTERM (a preemption notice): the loop saves and exits at the next step boundary.
-    The previous handler is restored by `close()`."""
+    """A preemption notice (SIGTERM): `reached(dispatch)` is True at the one dispatch where every
+    process saves and exits.
+
+    One process: a Python SIGTERM handler sets a flag, and the loop stops at the next dispatch
+    boundary (the previous handler is restored by `close()`). Several processes: they must agree on
+    the step, or each would save a different one and no checkpoint would be complete. JAX's
+    preemption service does that: its own SIGTERM handler (installed by jax.distributed.initialize)
+    tells every process of a notice to any of them, and
+    `multihost_utils.reached_preemption_sync_point` turns True on all of them at the same
+    dispatch index (the largest index any process had reached, plus one); so no Python handler
+    is installed then, which would replace JAX's."""
 
     def __init__(self, signals=(signal.SIGTERM,)):
         self._event = threading.Event()
         self._previous = {}
+        self._multiprocess = jax.process_count() > 1
+        if self._multiprocess:
+            return
         if threading.current_thread() is threading.main_thread():  # signals only work there
             for sig in signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self._event.set()
+
+    def reached(self, dispatch: int) -> bool:
+        """Whether to save and stop after dispatch number `dispatch`. Every process must call it
+        after every dispatch, with consecutive numbers (JAX's sync protocol counts in ones)."""
+        if self._multiprocess:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(int(dispatch))
+        return self._event.is_set()
 
     def __bool__(self) -> bool:
         return self._event.is_set()
@@ -64,7 +93,7 @@ class CheckpointManager:
     """`save(step, state, data_state)`, `restore(abstract_state) -> (state, data_state) | None`."""
 
     def __init__(self, directory: str | pathlib.Path, config: CheckpointConfig = CheckpointConfig()):
-        self.directory = pathlib.Path(directory).absolute()
+        self.directory = paths.as_path(directory)  # local or gs://... (orbax reads both)
         self.config = config
         options = ocp.CheckpointManagerOptions(
             max_to_keep=config.keep,
@@ -73,8 +102,12 @@ class CheckpointManager:
             cleanup_tmp_directories=True,  # leftovers of a save interrupted by a kill
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                              item_names=("state", "data"))
+        # Handlers named up front (not just item names) so that item_metadata can read a
+        # checkpoint's shapes without a target: restore(None) needs them.
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -90,11 +123,19 @@ class CheckpointManager:
 
     def restore(self, abstract_state: Any, step: int | None = None):
         """(state, data_state) of `step` (default: the latest), placed with the shardings of
-        `abstract_state` (a pytree of jax.ShapeDtypeStruct with .sharding); None when the
-        directory holds no checkpoint."""
+        `abstract_state` (a pytree of jax.ShapeDtypeStruct with .sharding): any mesh and any
+        number of processes, whatever the saving run had (each process reads the pieces its
+        devices hold). abstract_state=None reads every array whole onto this process's first
+        device, as saved trees of arrays (for inspection: no TrainState, any topology). None
+        when the directory holds no checkpoint."""
         step = self.latest_step() if step is None else step
         if step is None:
             return None
+        if abstract_state is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract_state = jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                self._manager.item_metadata(step)["state"])
         restored = self._manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                           data=ocp.args.JsonRestore()))
