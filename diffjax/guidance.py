@@ -135,7 +135,8 @@ class ClassifierFree(Transform):
     unconditional one.
 
     `uncond_kwargs` replaces the named model_kwargs in the unconditional branch (e.g. the null
-    label {"y": 1000} or GLIDE's empty tokens); a leading batch dim of 1 broadcasts;
+    label {"y": 1000} or GLIDE's empty tokens and mask); a leading batch dim of 1 broadcasts; a
+    value may be a pytree of such arrays (GLIDE's precomputed text embedding);
     `mean_channels` = image channels (the channels that get mixed)."""
 
     scale: Any
@@ -151,11 +152,13 @@ class ClassifierFree(Transform):
                     f"classifier_free: uncond_kwargs names {missing}, which the conditional "
                     f"model_kwargs lack (it has {sorted(kwargs)})"
                 )
-            both = {}
-            for name, cond in kwargs.items():
-                uncond = self.uncond_kwargs.get(name, cond)
+            def stack(cond, uncond):
                 uncond = jnp.broadcast_to(uncond, (batch,) + jnp.shape(uncond)[1:])
-                both[name] = jnp.concatenate([cond, uncond.astype(jnp.asarray(cond).dtype)])
+                return jnp.concatenate([cond, uncond.astype(jnp.asarray(cond).dtype)])
+
+            # A kwarg may be a pytree (e.g. GLIDE's precomputed text_emb dict): leaf by leaf.
+            both = {name: jax.tree.map(stack, cond, self.uncond_kwargs.get(name, cond))
+                    for name, cond in kwargs.items()}
             out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), **both)
             cond, uncond = out[:batch], out[batch:]
             c = self.mean_channels
@@ -166,10 +169,11 @@ class ClassifierFree(Transform):
 
 
 def classifier_free(scale, uncond_kwargs: dict, mean_channels: int = 3) -> ClassifierFree:
-    uncond = {k: jnp.asarray(v) for k, v in uncond_kwargs.items()}
-    for name, value in uncond.items():
-        if value.ndim == 0:
-            uncond[name] = value[None]
+    def as_batch(value):
+        value = jnp.asarray(value)
+        return value[None] if value.ndim == 0 else value
+
+    uncond = {k: jax.tree.map(as_batch, v) for k, v in uncond_kwargs.items()}
     return ClassifierFree(jnp.asarray(scale, jnp.float32), uncond, mean_channels)
 
 

@@ -11,6 +11,13 @@ class-conditional model) and a PNG grid next to it:
     python -m diffjax.sample --checkpoint DIR [--config configs/pretrained.py:64x64_diffusion]
         --num_samples 16 --batch_size 8 [--sampler ddim --steps 25]
         [--classifier DIR --classifier_scale 1.0] [--cfg_scale 3.0] [--out samples.npz]
+
+GLIDE checkpoints (`python -m diffjax.convert --preset base|upsample|base-inpaint|upsample-inpaint`)
+sample text-to-image with classifier-free guidance, optionally upsampled and inpainted:
+
+    python -m diffjax.sample --checkpoint ckpt/glide_base --prompt "an oil painting of a corgi"
+        --bpe path/to/glide_text2im/tokenizer [--cfg_scale 3] [--upsampler ckpt/glide_upsample]
+        [--image photo.png --mask mask.png] (inpainting: mask white = keep, black = fill in)
 """
 from __future__ import annotations
 
@@ -56,7 +63,8 @@ def _parse_args(argv):
     p.add_argument("--config", help="path.py[:name] whose get_config overrides the checkpoint's")
     p.add_argument("--num_samples", type=int, default=16)
     p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
+    p.add_argument("--sampler", choices=sorted(SAMPLERS),
+                   help="default ddim (GLIDE: ddpm for the base model, as its notebooks)")
     p.add_argument("--steps", type=int, help="respace to this many evenly spaced steps")
     p.add_argument("--timestep_respacing", help="GD's respacing string instead of --steps")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta")
@@ -69,6 +77,7 @@ def _parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="npz path (default samples_NxHxWxC.npz in the current directory)")
     p.add_argument("--no_progress", action="store_true")
+    _glide_args(p)
     return p.parse_args(argv)
 
 
@@ -84,6 +93,12 @@ def main(argv=None) -> pathlib.Path:
     module, variables, config = load_converted(args.checkpoint)
     if args.config:
         config = load_config(args.config)
+    if _is_glide(config):
+        return main_glide(args, module, variables, config)
+    if args.prompt is not None or args.upsampler or args.image or args.mask:
+        raise ValueError("--prompt / --upsampler / --image / --mask are for GLIDE checkpoints "
+                         "(python -m diffjax.convert --preset base ...); "
+                         f"{args.checkpoint} holds {config.get('name', 'another model')}")
     if config.get("kind", "diffusion") != "diffusion":
         raise ValueError(
             f"--checkpoint {args.checkpoint} holds a {config.kind} model; sample a diffusion model "
@@ -129,7 +144,7 @@ def main(argv=None) -> pathlib.Path:
                  else jax.random.randint(k_label, (args.batch_size,), 0, num_classes))
             kwargs["y"] = y
             labels.append(np.asarray(y))
-        x = _sample(k_sample, (apply, variables), gd.schedule, shape, sampler=args.sampler,
+        x = _sample(k_sample, (apply, variables), gd.schedule, shape, sampler=args.sampler or "ddim",
                     guidance=guidance, config=gd.config, model_kwargs=kwargs,
                     clip_denoised=not args.no_clip, progress=not args.no_progress)
         batches.append(images.to_uint8(x))
@@ -145,6 +160,129 @@ def main(argv=None) -> pathlib.Path:
     png = out.with_suffix(".png")
     images.grid(arr).save(png)
     print(f"wrote {out} ({arr.shape[0]} samples) and {png}")
+    return out
+
+
+# --------------------------------------------------------------------------- GLIDE
+
+
+def _glide_args(p):
+    g = p.add_argument_group("GLIDE (text-to-image checkpoints)")
+    g.add_argument("--prompt", help="the caption to draw ('' = unconditional)")
+    g.add_argument("--bpe", help="GLIDE's tokenizer: the folder glide_text2im/tokenizer/ of the "
+                   "glide-text2im package (encoder.json.gz + vocab.bpe.gz); default: the installed "
+                   "package's; 'bytes' for byte-level models trained with diffjax")
+    g.add_argument("--upsampler", help="a converted GLIDE upsampler (preset upsample / "
+                   "upsample-inpaint) for the second stage (64 -> 256)")
+    g.add_argument("--upsample_temp", type=float, default=None,
+                   help="scale of the upsampler's initial noise (default 0.997, as GLIDE)")
+    g.add_argument("--upsample_respacing", default=None,
+                   help="the upsampler's respacing (default its preset's: fast27)")
+    g.add_argument("--image", help="inpainting: the image to complete (PNG/JPEG, any size)")
+    g.add_argument("--mask", help="inpainting: a mask image, WHITE = keep, BLACK = fill in "
+                   "(resized nearest to 64x64, then to 256 for the upsampler)")
+    g.add_argument("--jump_length", type=int, default=1, help="RePaint: levels per jump")
+    g.add_argument("--resample_count", type=int, default=1,
+                   help="RePaint: resamplings per jump (1 = GLIDE's plain replacement)")
+
+
+def _is_glide(config) -> bool:
+    return config.get("family") == "glide-text2im"
+
+
+def _load_glide_tokenizer(spec):
+    from diffjax import text2im
+    from diffjax.tokenizer import glide_tokenizer_dir
+
+    if spec is None:
+        try:
+            spec = str(glide_tokenizer_dir())
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                "GLIDE needs its tokenizer's vocabulary: pass --bpe with the folder "
+                "glide_text2im/tokenizer/ of the glide-text2im package (it holds encoder.json.gz "
+                "and vocab.bpe.gz, the GPT-2 BPE of the released models, beside "
+                "bpe_simple_vocab_16e6.txt.gz), e.g. from a clone of "
+                "https://github.com/openai/glide-text2im") from None
+    return text2im.load_tokenizer(spec)
+
+
+def _read_png(path, mode: str, what: str) -> np.ndarray:
+    from PIL import Image
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--{what} {path}: no such file")
+    with Image.open(path) as im:
+        return np.asarray(im.convert(mode))
+
+
+def main_glide(args, module, variables, config) -> pathlib.Path:
+    """Text-to-image (and inpainting, and 64 -> 256 upsampling) with a GLIDE checkpoint."""
+    import jax
+
+    from diffjax import images, text2im
+    from diffjax.convert import load_converted
+    from diffjax.tokenizer import tokens_and_mask
+
+    if config.get("kind") == "super_resolution":
+        raise ValueError(f"--checkpoint {args.checkpoint} is a GLIDE upsampler: pass the base "
+                         f"model as --checkpoint and this one as --upsampler")
+    if args.prompt is None:
+        raise ValueError("a GLIDE checkpoint samples a caption: pass --prompt \"...\"")
+    tokenizer = _load_glide_tokenizer(args.bpe)
+    text2im.check_tokenizer(tokenizer, module)
+    sampling = dict(config.get("sampling", {}))
+    respacing = args.timestep_respacing or (str(args.steps) if args.steps else
+                                            sampling.get("timestep_respacing", "100"))
+    base = text2im.Stage(module, variables, text2im.glide_diffusion(config.diffusion, respacing))
+    tokens, mask = tokens_and_mask(tokenizer, args.prompt, module.text_ctx)
+    up = up_tokens = up_mask = None
+    if args.upsampler:
+        up_module, up_vars, up_config = load_converted(args.upsampler)
+        if not _is_glide(up_config) or up_config.get("kind") != "super_resolution":
+            raise ValueError(f"--upsampler {args.upsampler} is not a GLIDE upsampler (convert one "
+                             f"with --preset upsample or upsample-inpaint)")
+        text2im.check_tokenizer(tokenizer, up_module)
+        up_respacing = args.upsample_respacing or dict(up_config.get("sampling", {})).get(
+            "timestep_respacing", "fast27")
+        up = text2im.Stage(up_module, up_vars,
+                           text2im.glide_diffusion(up_config.diffusion, up_respacing))
+        up_tokens, up_mask = tokens_and_mask(tokenizer, args.prompt, up_module.text_ctx)
+    image = image_mask = None
+    if args.image or args.mask:
+        if not (args.image and args.mask):
+            raise ValueError("inpainting needs both --image and --mask (mask white = keep)")
+        image = _read_png(args.image, "RGB", "image").astype(np.float32)[None] / 127.5 - 1
+        image_mask = (_read_png(args.mask, "L", "mask") > 127).astype(np.float32)[None, ..., None]
+    cfg_scale = args.cfg_scale if args.cfg_scale is not None else sampling.get("guidance_scale", 3.0)
+    temp = args.upsample_temp if args.upsample_temp is not None else text2im.UPSAMPLE_TEMP
+
+    key = jax.random.PRNGKey(args.seed)
+    lows, highs = [], []
+    start = time.perf_counter()
+    for i in range(-(-args.num_samples // args.batch_size)):
+        low, high = text2im.text2im(
+            jax.random.fold_in(key, i), base, tokens, mask, batch_size=args.batch_size,
+            pad_token=tokenizer.end_token, cfg_scale=cfg_scale, upsampler=up,
+            upsample_tokens=up_tokens, upsample_mask=up_mask, upsample_temp=temp, image=image,
+            image_mask=image_mask, jump_length=args.jump_length,
+            resample_count=args.resample_count, base_sampler=args.sampler or "ddpm",
+            progress=not args.no_progress)
+        lows.append(images.to_uint8(low))
+        if high is not None:
+            highs.append(images.to_uint8(high))
+        print(f"batch {i + 1}: {len(lows) * args.batch_size} samples, "
+              f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+    low = np.concatenate(lows)[: args.num_samples]
+    arr = np.concatenate(highs)[: args.num_samples] if highs else low
+    out = pathlib.Path(args.out or f"samples_{'x'.join(map(str, arr.shape))}.npz")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, arr)
+    images.grid(arr).save(out.with_suffix(".png"))
+    if highs:  # the 64x64 stage too
+        np.savez(out.with_name(out.stem + "_base.npz"), low)
+    print(f"wrote {out} ({arr.shape[0]} samples of {args.prompt!r}) and {out.with_suffix('.png')}")
     return out
 
 

@@ -348,9 +348,9 @@ def _data_sharding(batch: int):
 
 
 def _sample_impl(key, variables, schedule, sampler, guidance, model_kwargs, clip_denoised, x_T,
-                 *, apply, shape, config, progress, intermediates):
+                 noise_scale=1.0, *, apply, shape, config, progress, intermediates):
     key_x, key_loop = jax.random.split(key)
-    x = jax.random.normal(key_x, shape, jnp.float32) if x_T is None else x_T
+    x = noise_scale * jax.random.normal(key_x, shape, jnp.float32) if x_T is None else x_T
     shardings = _data_sharding(shape[0])
     if shardings is not None:
         x = jax.lax.with_sharding_constraint(x, shardings[0])
@@ -378,6 +378,7 @@ def sample(
     x_T=None,
     progress: bool = False,
     return_intermediates: bool = False,
+    noise_scale=1.0,
 ):
     """Draw samples [*shape] (NHWC) with one jit-compiled loop.
 
@@ -388,12 +389,18 @@ def sample(
     sampler: "ddpm" | "ddim" | "dpm++2m" | "heun" or an instance (e.g. `DDIM(eta=0.5)`).
     guidance: a `diffjax.guidance` transform or chain; scales, masks, references are traced.
     model_kwargs: conditioning arrays with a leading batch dim (e.g. {"y": labels}).
+    noise_scale: the drawn x_T is noise_scale * N(0, I) (traced; GLIDE's upsample_temp = 0.997 for
+        its upsampler); the noise of the steps themselves is not scaled, as in GLIDE. Not with x_T.
     The batch is sharded across all devices when there are several and it divides evenly.
     """
+    if x_T is not None and not (isinstance(noise_scale, (int, float)) and noise_scale == 1.0):
+        raise ValueError("sample(..., x_T=..., noise_scale=...): noise_scale scales the drawn x_T; "
+                         "with an explicit x_T scale it yourself and leave noise_scale=1.0")
     apply, variables = model if isinstance(model, tuple) else (model, None)
     config = config or D.DiffusionConfig()
     traced = (key, variables, schedule, get_sampler(sampler), guidance or G.chain(),
               model_kwargs or {}, jnp.asarray(clip_denoised), x_T)
+    noise_scale = jnp.asarray(noise_scale, jnp.float32)
     shardings = _data_sharding(shape[0])
     if shardings is not None:
         # Inputs committed to one device (e.g. restored weights) must join the mesh: replicate
@@ -403,5 +410,6 @@ def sample(
         traced[5] = jax.device_put(traced[5], batch_sharded)
         x_T = x_T if x_T is None else jax.device_put(x_T, batch_sharded)
         traced = (*traced, x_T)
-    return _sample_jit(*traced, apply=apply, shape=tuple(shape), config=config,
+        noise_scale = jax.device_put(noise_scale, replicated)
+    return _sample_jit(*traced, noise_scale, apply=apply, shape=tuple(shape), config=config,
                        progress=progress, intermediates=return_intermediates)
