@@ -4,13 +4,15 @@ This module is callable: `diffjax.sample(key, model, schedule, shape, ...)` is
 `diffjax.samplers.sample` (see its docstring). A package attribute and a submodule cannot share
 the name `sample` otherwise: importing the command-line module would replace the function.
 
-Command line: sample a checkpoint written by `python -m diffjax.convert` (its preset travels with
-it) and write guided-diffusion's npz layout (`arr_0` uint8 NHWC, `arr_1` labels of a
-class-conditional model) and a PNG grid next to it:
+Command line: sample a checkpoint and write guided-diffusion's npz layout (`arr_0` uint8 NHWC,
+`arr_1` labels of a class-conditional model) and a PNG grid next to it. The checkpoint is one
+written by `python -m diffjax.convert` (its preset travels with it) or the latest of a
+`python -m diffjax.train` run (--workdir; its own sampler and respacing by default):
 
     python -m diffjax.sample --checkpoint DIR [--config configs/pretrained.py:64x64_diffusion]
         --num_samples 16 --batch_size 8 [--sampler ddim --steps 25]
         [--classifier DIR --classifier_scale 1.0] [--cfg_scale 3.0] [--out samples.npz]
+    python -m diffjax.sample --workdir runs/default [--ema 0] --cfg_scale 2 --num_samples 100
 
 GLIDE checkpoints (`python -m diffjax.convert --preset base|upsample|base-inpaint|upsample-inpaint`)
 sample text-to-image with classifier-free guidance, optionally upsampled and inpainted:
@@ -58,8 +60,12 @@ def diffusion_from_config(config, respacing: str | None = None):
 
 
 def _parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m diffjax.sample", description=__doc__.split("\n")[6])
-    p.add_argument("--checkpoint", required=True, help="a directory written by diffjax.convert")
+    p = argparse.ArgumentParser(prog="python -m diffjax.sample", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="a directory written by diffjax.convert")
+    src.add_argument("--workdir", help="a diffjax.train workdir (its latest checkpoint)")
+    p.add_argument("--ema", type=int, default=0,
+                   help="--workdir: which EMA of the run's ema_rates (-1: the raw parameters)")
     p.add_argument("--config", help="path.py[:name] whose get_config overrides the checkpoint's")
     p.add_argument("--num_samples", type=int, default=16)
     p.add_argument("--batch_size", type=int, default=8)
@@ -90,26 +96,33 @@ def main(argv=None) -> pathlib.Path:
     from diffjax.convert import load_converted
 
     args = _parse_args(argv)
-    module, variables, config = load_converted(args.checkpoint)
-    if args.config:
-        config = load_config(args.config)
-    if _is_glide(config):
-        return main_glide(args, module, variables, config)
-    if args.prompt is not None or args.upsampler or args.image or args.mask:
-        raise ValueError("--prompt / --upsampler / --image / --mask are for GLIDE checkpoints "
-                         "(python -m diffjax.convert --preset base ...); "
-                         f"{args.checkpoint} holds {config.get('name', 'another model')}")
-    if config.get("kind", "diffusion") != "diffusion":
-        raise ValueError(
-            f"--checkpoint {args.checkpoint} holds a {config.kind} model; sample a diffusion model "
-            "(super-resolution sampling needs low-resolution inputs: not in this command yet)"
-        )
     respacing = args.timestep_respacing or (str(args.steps) if args.steps else None)
-    gd = diffusion_from_config(config, respacing)
-    size = config.model.image_size
-    shape = (args.batch_size, size, size, 3)
-    class_cond = bool(config.model.get("class_cond", False))
-    num_classes = int(config.get("num_classes", 1000))
+    if args.workdir:
+        if args.config or args.prompt is not None or args.upsampler or args.image or args.mask:
+            raise ValueError("--config / --prompt / --upsampler / --image / --mask are for "
+                             "converted checkpoints (--checkpoint); a --workdir brings its own "
+                             "config.json")
+        module, variables, gd, shape, class_cond, num_classes = _from_workdir(args, respacing)
+    else:
+        module, variables, config = load_converted(args.checkpoint)
+        if args.config:
+            config = load_config(args.config)
+        if _is_glide(config):
+            return main_glide(args, module, variables, config)
+        if args.prompt is not None or args.upsampler or args.image or args.mask:
+            raise ValueError("--prompt / --upsampler / --image / --mask are for GLIDE checkpoints "
+                             "(python -m diffjax.convert --preset base ...); "
+                             f"{args.checkpoint} holds {config.get('name', 'another model')}")
+        if config.get("kind", "diffusion") != "diffusion":
+            raise ValueError(
+                f"--checkpoint {args.checkpoint} holds a {config.kind} model; sample a diffusion "
+                "model (super-resolution sampling needs low-resolution inputs: not in this "
+                "command yet)")
+        gd = diffusion_from_config(config, respacing)
+        size = config.model.image_size
+        shape = (args.batch_size, size, size, 3)
+        class_cond = bool(config.model.get("class_cond", False))
+        num_classes = int(config.get("num_classes", 1000))
 
     # Labels go to the model only if it is class-conditional; a classifier always gets them (as
     # GD's classifier_sample, which guides unconditional models with random target classes).
@@ -130,7 +143,8 @@ def main(argv=None) -> pathlib.Path:
             raise ValueError(
                 f"--null_label {null} is not a label of this model ({rows} classes): classifier-"
                 "free guidance needs a model trained with label dropout and a null class")
-        transforms.append(G.classifier_free(args.cfg_scale, {"y": jnp.full((1,), null)}))
+        transforms.append(G.classifier_free(args.cfg_scale, {"y": jnp.full((1,), null)},
+                                            mean_channels=shape[-1]))
     guidance = G.chain(*transforms)
 
     key = jax.random.PRNGKey(args.seed)
@@ -161,6 +175,31 @@ def main(argv=None) -> pathlib.Path:
     images.grid(arr).save(png)
     print(f"wrote {out} ({arr.shape[0]} samples) and {png}")
     return out
+
+
+def _from_workdir(args, respacing):
+    """(module, variables, diffusion, batch shape, class-conditional?, num_classes) of the latest
+    checkpoint of a diffjax.train workdir; respacing None keeps the run's eval respacing."""
+    from diffjax import train as train_lib
+
+    trainer, params, _, description = train_lib.load_workdir(args.workdir, args.ema)
+    cfg = trainer.config
+    if cfg.task != "diffusion" or cfg.small_size or cfg.conditioning == "text":
+        raise ValueError(f"--workdir {args.workdir} trained a {cfg.task} model (conditioning "
+                         f"{cfg.conditioning!r}, small_size {cfg.small_size}): this command samples "
+                         "unconditional and class-conditional diffusion runs; convert text or "
+                         "super-resolution runs' weights, or sample them in Python")
+    # Unless told otherwise, sample as the run's own end-of-training grid did.
+    run_eval = train_lib.dataclass_from(train_lib.EvalConfig,
+                                        train_lib.load_config_json(args.workdir).get("eval", {}))
+    respacing = run_eval.respacing if respacing is None else respacing
+    args.sampler = args.sampler or run_eval.sampler
+    schedule, dconfig = trainer.sampling_diffusion(respacing)
+    print(f"sampling {description}, {schedule.num_timesteps} steps", file=sys.stderr)
+    gd = types.SimpleNamespace(schedule=schedule, config=dconfig)
+    class_cond = cfg.conditioning in ("class", "classifier_free")
+    return (trainer.module, {"params": params}, gd, (args.batch_size,) + trainer.image_shape,
+            class_cond, cfg.num_classes)
 
 
 # --------------------------------------------------------------------------- GLIDE

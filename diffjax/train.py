@@ -170,7 +170,7 @@ class TrainConfig:
         return jnp.dtype(self.compute_dtype)
 
 
-def _dataclass_from(cls, section, **overrides):
+def dataclass_from(cls, section, **overrides):
     """A config dataclass from a ConfigDict section; unknown keys are an error naming the valid
     ones (a typo must not silently fall back to a default)."""
     values = dict(section.to_dict() if hasattr(section, "to_dict") else section or {})
@@ -324,6 +324,13 @@ class Trainer:
     optim: OptimConfig
     image_shape: tuple
     text: Any = None  # TextSetup of a text-conditional (GLIDE) model
+    # The diffusion flags the schedule was built from (a converted checkpoint's, for init_from),
+    # as sorted (name, value) pairs to stay hashable; sampling respaces from these.
+    diffusion_flags: tuple = ()
+
+    def sampling_diffusion(self, respacing: str = "") -> tuple[S.Schedule, D.DiffusionConfig]:
+        """(schedule respaced with GD's `respacing` string, DiffusionConfig) for sampling."""
+        return diffusion_from_flags({**dict(self.diffusion_flags), "timestep_respacing": respacing})
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -503,8 +510,8 @@ def create_state(trainer: Trainer, mesh, key, params=None, fsdp_min_size: int = 
 def trainer_from_config(config: ml_collections.ConfigDict):
     """(Trainer, DataConfig, init params or None) of a full experiment config; the only place
     that reads the ConfigDict (modules get typed dataclasses)."""
-    train_cfg = _dataclass_from(TrainConfig, config.train)
-    data_cfg = _dataclass_from(data_lib.DataConfig, config.data)
+    train_cfg = dataclass_from(TrainConfig, config.train)
+    data_cfg = dataclass_from(data_lib.DataConfig, config.data)
     diffusion_flags = dict(config.diffusion)
     init_params = None
     if config.get("init_from"):
@@ -525,14 +532,59 @@ def trainer_from_config(config: ml_collections.ConfigDict):
     if not config.get("init_from") and text is None:
         module = build_model(dict(config.model), train_cfg, data_cfg.image_size, data_cfg.channels,
                              bool(diffusion_flags.get("learn_sigma", False)))
-    optim_cfg = _dataclass_from(OptimConfig, config.optim, total_steps=train_cfg.total_steps)
+    optim_cfg = dataclass_from(OptimConfig, config.optim, total_steps=train_cfg.total_steps)
     sampler = timestep_sampling.create_named_schedule_sampler(train_cfg.schedule_sampler,
                                                               sched.num_timesteps)
     trainer = Trainer(module=module, schedule=sched, diffusion=dcfg, sampler=sampler,
                       optimizer=make_optimizer(optim_cfg), config=train_cfg, optim=optim_cfg,
                       image_shape=(data_cfg.image_size, data_cfg.image_size, data_cfg.channels),
-                      text=text)
+                      text=text,
+                      diffusion_flags=tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                                   for k, v in diffusion_flags.items())))
     return trainer, data_cfg, init_params
+
+
+def load_config_json(workdir) -> ml_collections.ConfigDict:
+    """The experiment config a training run wrote to workdir/config.json."""
+    file = pathlib.Path(workdir) / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{pathlib.Path(workdir).absolute()} is not a diffjax.train "
+                                f"workdir (no config.json): give the --workdir of a training run")
+    return ml_collections.ConfigDict(json.loads(file.read_text()))
+
+
+def load_workdir(workdir, ema_index: int = 0, step: int | None = None):
+    """(trainer, params, data config, description) of a `python -m diffjax.train` workdir: its
+    config.json and the checkpoint of `step` (default the latest), restored on one device; params
+    are EMA number `ema_index` of the config's ema_rates, or the raw ones for -1. What sampling and
+    evaluation of a trained run start from."""
+    workdir = pathlib.Path(workdir).absolute()
+    config = load_config_json(workdir)
+    trainer, data_cfg, init_params = trainer_from_config(config)
+    rates = trainer.config.ema_rates
+    if not -1 <= ema_index < len(rates):
+        raise ValueError(f"ema_index={ema_index}: {workdir} keeps {len(rates)} EMA(s) (rates "
+                         f"{tuple(rates)}); choose 0..{len(rates) - 1}, or -1 for the raw "
+                         f"parameters")
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.eval_shape(functools.partial(trainer.init, params=init_params),
+                              jax.random.PRNGKey(0))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                            abstract)
+    manager = ckpt_lib.CheckpointManager(workdir / "checkpoints",
+                                         ckpt_lib.CheckpointConfig(async_save=False))
+    try:
+        restored = manager.restore(abstract, step)
+        found = manager.latest_step() if step is None else step
+    finally:
+        manager.close()
+    if restored is None:
+        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet: train first "
+                                f"(python -m diffjax.train --workdir {workdir})")
+    state, _ = restored
+    params = state.params if ema_index < 0 else state.ema[ema_index]
+    which = "raw parameters" if ema_index < 0 else f"EMA {rates[ema_index]}"
+    return trainer, params, data_cfg, f"{workdir} step {found}, {which}"
 
 
 # =========================================================================== metric writer
@@ -824,7 +876,7 @@ class _Logger:
 
 
 def _eval_config(config) -> EvalConfig:
-    return _dataclass_from(EvalConfig, config.get("eval", {}))
+    return dataclass_from(EvalConfig, config.get("eval", {}))
 
 
 def _write_samples(trainer, state, eval_cfg, diffusion_flags, path, class_names=None):
@@ -848,8 +900,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir.mkdir(parents=True, exist_ok=True)
     trainer, data_cfg, init_params = trainer_from_config(config)
     tc, eval_cfg = trainer.config, _eval_config(config)
-    diffusion_flags = dict(config.diffusion)
-    ckpt_cfg = _dataclass_from(ckpt_lib.CheckpointConfig, config.get("checkpoint", {}))
+    diffusion_flags = dict(trainer.diffusion_flags)  # a converted checkpoint's for init_from
+    ckpt_cfg = dataclass_from(ckpt_lib.CheckpointConfig, config.get("checkpoint", {}))
     if ckpt_cfg.every % tc.steps_per_dispatch:
         raise ValueError(f"checkpoint.every={ckpt_cfg.every} must be a multiple of "
                          f"train.steps_per_dispatch={tc.steps_per_dispatch}")

@@ -34,3 +34,36 @@ def golden():
         return cache[name]
 
     return load
+
+
+# A classifier-free-guided run of 2 steps on real Fashion-MNIST (10-step chain, 2 EMAs): what the
+# workdir readers (evaluate --bpd, sample --workdir) are tested on.
+TINY_WORKDIR_CONFIG = dict(
+    data=dict(source="fashion_mnist", image_size=32, channels=1, resize="pad", seed=1),
+    model=dict(model_channels=32, num_res_blocks=0, channel_mult=(1, 1), attention_resolutions=(),
+               num_heads=1),
+    diffusion=dict(learn_sigma=True, diffusion_steps=10, noise_schedule="cosine"),
+    train=dict(task="diffusion", conditioning="classifier_free", label_dropout=0.2,
+               num_classes=10, batch_size=4, total_steps=2, ema_rates=(0.9, 0.999), seed=3),
+    optim=dict(lr=1e-3, warmup_steps=1),
+    checkpoint=dict(every=2, keep=1, async_save=False),
+    eval=dict(per_class=0, sampler="ddpm", respacing="5"),
+    log_every=1,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory):
+    """The workdir of TINY_WORKDIR_CONFIG, trained once per session."""
+    import ml_collections
+
+    from diffjax import data as data_lib
+    from diffjax import train as T
+
+    try:
+        data_lib.fashion_mnist("train")
+    except (FileNotFoundError, OSError) as err:
+        pytest.skip(f"real Fashion-MNIST is absent ({err}): apt-get install dataset-fashion-mnist")
+    path = tmp_path_factory.mktemp("tiny_workdir")
+    T.train_and_evaluate(ml_collections.ConfigDict(TINY_WORKDIR_CONFIG), path)
+    return path

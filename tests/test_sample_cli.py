@@ -54,6 +54,40 @@ def test_classifier_free_guidance_needs_a_null_class(checkpoint):
 # --------------------------------------------------------------------------- GLIDE
 
 
+def test_workdir_samples_the_runs_ema_with_its_schedule(tiny_workdir, tmp_path):
+    """--workdir: the CLI's samples are diffjax.sample's with the EMA parameters restored here
+    from the raw checkpoint tree, the run's 10-step chain respaced to its eval respacing (5), its
+    ancestral sampler, and classifier-free guidance against the null label 10."""
+    import jax
+    import jax.numpy as jnp
+
+    import diffjax
+    from diffjax import guidance as G
+    from diffjax import images
+    from diffjax import train as T
+    from diffjax.checkpoints.manager import CheckpointManager
+
+    out = tmp_path / "w.npz"
+    sample_cli.main(["--workdir", str(tiny_workdir), "--ema", "1", "--num_samples", "3",
+                     "--batch_size", "3", "--class_label", "4", "--cfg_scale", "2.5", "--seed",
+                     "5", "--out", str(out), "--no_progress"])
+    got = np.load(out)
+    assert got["arr_0"].shape == (3, 32, 32, 1) and list(got["arr_1"]) == [4, 4, 4]
+
+    trainer, _, _ = T.trainer_from_config(T.load_config_json(tiny_workdir))
+    manager = CheckpointManager(tiny_workdir / "checkpoints")
+    state, _ = manager.restore(None)
+    manager.close()
+    sched = diffjax.schedules.make_schedule("cosine", 10, "5")
+    assert sched.num_timesteps == 5
+    guidance = G.classifier_free(2.5, {"y": jnp.full((1,), 10)}, mean_channels=1)
+    _, k_sample = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(5), 0))
+    want = diffjax.sample(k_sample, (trainer.module, {"params": state["ema"][1]}), sched,
+                          (3, 32, 32, 1), sampler="ddpm", guidance=guidance,
+                          config=trainer.diffusion, model_kwargs={"y": jnp.full((3,), 4)})
+    np.testing.assert_array_equal(got["arr_0"], images.to_uint8(want))
+
+
 def _glide_checkpoint(tmp, preset, vocab_size, **flags):
     """A tiny random GLIDE model of `preset`'s class, saved as a .pt (torch) and converted."""
     import jax

@@ -19,8 +19,6 @@ conditional model of a classifier-free one).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
 import pathlib
 
@@ -59,38 +57,11 @@ def _is_workdir(path: pathlib.Path) -> bool:
 
 
 def load_workdir(workdir, ema_index: int = 0, step: int | None = None) -> ScoredModel:
-    """The parameters of a `python -m diffjax.train` workdir's checkpoint (the latest unless
-    `step`): EMA number `ema_index` of the config's ema_rates, or the raw ones for -1."""
+    """A `python -m diffjax.train` workdir's checkpoint (diffjax.train.load_workdir)."""
     from diffjax import train as train_lib
-    from diffjax.checkpoints import manager as ckpt_lib
 
-    workdir = pathlib.Path(workdir).absolute()
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    trainer, data_cfg, init_params = train_lib.trainer_from_config(config)
-    rates = trainer.config.ema_rates
-    if not -1 <= ema_index < len(rates):
-        raise ValueError(f"ema_index={ema_index}: {workdir} keeps {len(rates)} EMA(s) (rates "
-                         f"{tuple(rates)}); choose 0..{len(rates) - 1}, or -1 for the raw "
-                         f"parameters")
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.eval_shape(functools.partial(trainer.init, params=init_params),
-                              jax.random.PRNGKey(0))
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                            abstract)
-    manager = ckpt_lib.CheckpointManager(workdir / "checkpoints",
-                                         ckpt_lib.CheckpointConfig(async_save=False))
-    try:
-        restored = manager.restore(abstract, step)
-        found = manager.latest_step() if step is None else step
-    finally:
-        manager.close()
-    if restored is None:
-        raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint yet: train first "
-                                f"(python -m diffjax.train --workdir {workdir})")
-    state, _ = restored
-    params = state.params if ema_index < 0 else state.ema[ema_index]
-    which = "raw parameters" if ema_index < 0 else f"EMA {rates[ema_index]}"
-    return ScoredModel(_in_float32(trainer), params, data_cfg, f"{workdir} step {found}, {which}")
+    trainer, params, data_cfg, description = train_lib.load_workdir(workdir, ema_index, step)
+    return ScoredModel(_in_float32(trainer), params, data_cfg, description)
 
 
 def load_converted_for_bpd(directory, data: dict) -> ScoredModel:

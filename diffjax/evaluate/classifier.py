@@ -103,13 +103,13 @@ class Classifier:
 
 
 def _configs(config: ml_collections.ConfigDict):
-    from diffjax.train import OptimConfig, _dataclass_from
+    from diffjax.train import OptimConfig, dataclass_from
 
-    train = _dataclass_from(ClassifierTrainConfig, config.train)
-    data = _dataclass_from(data_lib.DataConfig, config.data)
-    module = _dataclass_from(FeatureClassifier, config.get("model", {}),
+    train = dataclass_from(ClassifierTrainConfig, config.train)
+    data = dataclass_from(data_lib.DataConfig, config.data)
+    module = dataclass_from(FeatureClassifier, config.get("model", {}),
                              num_classes=train.num_classes)
-    optim = _dataclass_from(OptimConfig, config.get("optim", {}), total_steps=train.total_steps)
+    optim = dataclass_from(OptimConfig, config.get("optim", {}), total_steps=train.total_steps)
     side = data.image_size // 2 ** len(module.widths)
     if side * 2 ** len(module.widths) != data.image_size or side == 0:
         raise ValueError(f"model.widths={module.widths} halves the image {len(module.widths)} "
