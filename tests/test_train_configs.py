@@ -12,7 +12,10 @@ from diffjax import train as T
 from diffjax.compat import gd_models
 from tests._util import REPO
 
-CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py") if p.name != "pretrained.py")
+# Not diffjax.train configs: the presets table, and the evaluation classifier's recipe (read by
+# diffjax.evaluate.classifier; checked by test_feature_classifier_config_builds).
+NOT_TRAIN = ("pretrained.py", "feature_classifier_fashion_mnist.py")
+CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py") if p.name not in NOT_TRAIN)
 # training config -> the released checkpoint whose architecture it trains
 SAME_AS = {"cifar10.py": "cifar10_uncond_50M_500K", "imagenet64_cond.py": "64x64_diffusion",
            "classifier.py": "64x64_classifier", "upsampler.py": "64_256_upsampler",
@@ -65,3 +68,13 @@ def test_default_is_a_small_classifier_free_unet():
     assert trainer.module.num_classes == 11
     n = sum(int(np.prod(s)) for s in param_shapes(trainer).values())
     assert 0.8e6 < n < 1.6e6
+
+
+def test_feature_classifier_config_builds():
+    from diffjax.evaluate import classifier
+
+    train, data, module, optim = classifier._configs(load("feature_classifier_fashion_mnist.py"))
+    assert data.image_size == 32 and data.channels == 1 and module.num_classes == 10
+    variables = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0),
+                                                   np.zeros((1, 32, 32, 1), np.float32)))
+    assert variables["params"]
