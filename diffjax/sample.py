@@ -194,9 +194,8 @@ def _from_workdir(args, respacing):
                                         train_lib.load_config_json(args.workdir).get("eval", {}))
     respacing = run_eval.respacing if respacing is None else respacing
     args.sampler = args.sampler or run_eval.sampler
-    schedule, dconfig = trainer.sampling_diffusion(respacing)
-    print(f"sampling {description}, {schedule.num_timesteps} steps", file=sys.stderr)
-    gd = types.SimpleNamespace(schedule=schedule, config=dconfig)
+    gd = trainer.sampling_diffusion(respacing)
+    print(f"sampling {description}, {gd.schedule.num_timesteps} steps", file=sys.stderr)
     class_cond = cfg.conditioning in ("class", "classifier_free")
     return (trainer.module, {"params": params}, gd, (args.batch_size,) + trainer.image_shape,
             class_cond, cfg.num_classes)

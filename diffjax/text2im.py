@@ -54,17 +54,29 @@ def glide_diffusion(diffusion_flags, timestep_respacing: str | None = None):
     timestep rescaling. `diffusion_flags`: {"diffusion_steps", "noise_schedule",
     "timestep_respacing"} (a GLIDE preset's `diffusion`); `timestep_respacing` overrides the flag
     ("100", "fast27", "ddim50", ...)."""
-    from diffjax.compat import guided_diffusion as gd
+    from diffjax import train
+    from diffjax.compat.glide_text2im import DIFFUSION_FLAGS
 
-    flags = dict(diffusion_flags)
+    # GLIDE has only these flags (learned-range variance, epsilon, no rescaling: GD's defaults).
+    flags = {k: v for k, v in dict(diffusion_flags).items() if k in DIFFUSION_FLAGS}
+    flags = {"diffusion_steps": 1000, **glide_diffusion_flags(flags), "learn_sigma": True}
+    if timestep_respacing is not None:
+        flags["timestep_respacing"] = timestep_respacing
+    flags["timestep_respacing"] = flags.get("timestep_respacing") or ""
+    return train.gaussian_diffusion(flags)
+
+
+def glide_diffusion_flags(flags: dict) -> dict:
+    """GLIDE's diffusion flags in guided-diffusion's terms: squaredcos_cap_v2 (the default) is
+    GD's "cosine"; learned-range variance unless learn_sigma is given."""
+    flags = dict(flags)
     name = flags.get("noise_schedule", "squaredcos_cap_v2")
     if name not in _SCHEDULE_NAMES:
         raise ValueError(f"noise_schedule={name!r} is not a GLIDE schedule: use "
                          f"'squaredcos_cap_v2' (base) or 'linear' (upsampler)")
-    respacing = flags.get("timestep_respacing", "") if timestep_respacing is None else timestep_respacing
-    return gd.create_gaussian_diffusion(steps=int(flags.get("diffusion_steps", 1000)),
-                                        learn_sigma=True, noise_schedule=_SCHEDULE_NAMES[name],
-                                        timestep_respacing=respacing or "")
+    flags["noise_schedule"] = _SCHEDULE_NAMES[name]
+    flags.setdefault("learn_sigma", True)
+    return flags
 
 
 @functools.lru_cache(maxsize=8)

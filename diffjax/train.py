@@ -186,17 +186,23 @@ def dataclass_from(cls, section, **overrides):
     return cls(**values)
 
 
-def diffusion_from_flags(flags: dict) -> tuple[S.Schedule, D.DiffusionConfig]:
-    """(training schedule, DiffusionConfig) of guided-diffusion's diffusion flags, through
-    create_gaussian_diffusion (learn_sigma, diffusion_steps, noise_schedule, timestep_respacing,
-    use_kl, predict_xstart, rescale_timesteps, rescale_learned_sigmas, sigma_small)."""
+def gaussian_diffusion(flags: dict):
+    """The compat GaussianDiffusion (.schedule, .config) of guided-diffusion's diffusion flags,
+    through create_gaussian_diffusion (learn_sigma, diffusion_steps, noise_schedule,
+    timestep_respacing, use_kl, predict_xstart, rescale_timesteps, rescale_learned_sigmas,
+    sigma_small)."""
     from diffjax.compat import guided_diffusion as gdc
 
     f = {**gd_models.diffusion_defaults(), **dict(flags)}
     names = ("learn_sigma", "sigma_small", "noise_schedule", "use_kl", "predict_xstart",
              "rescale_timesteps", "rescale_learned_sigmas", "timestep_respacing")
-    gd = gdc.create_gaussian_diffusion(steps=int(f["diffusion_steps"]),
-                                       **{k: f[k] for k in names if k in f})
+    return gdc.create_gaussian_diffusion(steps=int(f["diffusion_steps"]),
+                                         **{k: f[k] for k in names if k in f})
+
+
+def diffusion_from_flags(flags: dict) -> tuple[S.Schedule, D.DiffusionConfig]:
+    """(schedule, DiffusionConfig) of guided-diffusion's diffusion flags (gaussian_diffusion)."""
+    gd = gaussian_diffusion(flags)
     return gd.schedule, gd.config
 
 
@@ -328,9 +334,10 @@ class Trainer:
     # as sorted (name, value) pairs to stay hashable; sampling respaces from these.
     diffusion_flags: tuple = ()
 
-    def sampling_diffusion(self, respacing: str = "") -> tuple[S.Schedule, D.DiffusionConfig]:
-        """(schedule respaced with GD's `respacing` string, DiffusionConfig) for sampling."""
-        return diffusion_from_flags({**dict(self.diffusion_flags), "timestep_respacing": respacing})
+    def sampling_diffusion(self, respacing: str = ""):
+        """The compat GaussianDiffusion (.schedule respaced with GD's `respacing` string, .config)
+        of the flags the trainer was built from, for sampling."""
+        return gaussian_diffusion({**dict(self.diffusion_flags), "timestep_respacing": respacing})
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -524,6 +531,8 @@ def trainer_from_config(config: ml_collections.ConfigDict):
         init_params = variables["params"]
     text = None
     if train_cfg.conditioning == "text":
+        from diffjax.text2im import glide_diffusion_flags
+
         diffusion_flags = glide_diffusion_flags(diffusion_flags)
         module, init_params, text = text_model_setup(
             config, train_cfg, data_cfg, module if config.get("init_from") else None, init_params,
@@ -738,7 +747,7 @@ class EvalConfig:
     prompts: tuple = ()  # text-conditional models: one row of per_class samples per prompt
 
 
-def sample_images(trainer: Trainer, params, key, eval_cfg: EvalConfig, diffusion_flags: dict):
+def sample_images(trainer: Trainer, params, key, eval_cfg: EvalConfig):
     """(images [N, H, W, C] in [-1, 1], row labels): a grid's worth of samples from `params` with
     diffjax.sample; class-conditional models get per_class images of every class, with
     classifier-free guidance for a classifier-free model."""
@@ -747,8 +756,9 @@ def sample_images(trainer: Trainer, params, key, eval_cfg: EvalConfig, diffusion
 
     cfg = trainer.config
     if cfg.conditioning == "text":
-        return sample_text_images(trainer, params, key, eval_cfg, diffusion_flags)
-    sched, dcfg = diffusion_from_flags({**diffusion_flags, "timestep_respacing": eval_cfg.respacing})
+        return sample_text_images(trainer, params, key, eval_cfg)
+    gd = trainer.sampling_diffusion(eval_cfg.respacing)
+    sched, dcfg = gd.schedule, gd.config
     model = (trainer.module, {"params": params})
     channels = trainer.image_shape[-1]
     if cfg.conditioning == "none":
@@ -879,10 +889,9 @@ def _eval_config(config) -> EvalConfig:
     return dataclass_from(EvalConfig, config.get("eval", {}))
 
 
-def _write_samples(trainer, state, eval_cfg, diffusion_flags, path, class_names=None):
+def _write_samples(trainer, state, eval_cfg, path, class_names=None):
     params = state.params if eval_cfg.ema_index < 0 else state.ema[eval_cfg.ema_index]
-    images, rows = sample_images(trainer, params, jax.random.PRNGKey(eval_cfg.seed), eval_cfg,
-                                 diffusion_flags)
+    images, rows = sample_images(trainer, params, jax.random.PRNGKey(eval_cfg.seed), eval_cfg)
     images = parallel.global_to_host(images)
     labels = [class_names[r] for r in rows] if rows is not None and class_names else rows
     if jax.process_index() == 0:
@@ -900,7 +909,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir.mkdir(parents=True, exist_ok=True)
     trainer, data_cfg, init_params = trainer_from_config(config)
     tc, eval_cfg = trainer.config, _eval_config(config)
-    diffusion_flags = dict(trainer.diffusion_flags)  # a converted checkpoint's for init_from
     ckpt_cfg = dataclass_from(ckpt_lib.CheckpointConfig, config.get("checkpoint", {}))
     if ckpt_cfg.every % tc.steps_per_dispatch:
         raise ValueError(f"checkpoint.every={ckpt_cfg.every} must be a multiple of "
@@ -973,7 +981,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                       f"command to resume", file=sys.stderr, flush=True)
                 raise SystemExit(143)
             if eval_cfg.sample_every and step % eval_cfg.sample_every == 0 and tc.task == "diffusion":
-                _write_samples(trainer, state, eval_cfg, diffusion_flags,
+                _write_samples(trainer, state, eval_cfg,
                                workdir / f"samples_{step:07d}.png", data_lib.class_names(data_cfg))
             if step < tc.total_steps:
                 batches = next_batches()
@@ -991,7 +999,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         tail = [l for _, l in logger.losses[-max(len(logger.losses) // 10, 1):]]
         final["final_loss"] = float(np.mean(tail))
     writer.flush(upload=True)  # _final_outputs reads metrics.jsonl back from the workdir
-    final.update(_final_outputs(trainer, state, eval_cfg, data_cfg, diffusion_flags, workdir))
+    final.update(_final_outputs(trainer, state, eval_cfg, data_cfg, workdir))
     final["wall_s"] = time.perf_counter() - wall_start
     writer.close()
     if process0:
@@ -1000,7 +1008,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     return final
 
 
-def _final_outputs(trainer, state, eval_cfg, data_cfg, diffusion_flags, workdir) -> dict:
+def _final_outputs(trainer, state, eval_cfg, data_cfg, workdir) -> dict:
     """The loss-curve PNG, the sample grid and the bits/dim estimates (diffusion tasks)."""
     out = {}
     log = workdir / "metrics.jsonl"
@@ -1014,7 +1022,7 @@ def _final_outputs(trainer, state, eval_cfg, data_cfg, diffusion_flags, workdir)
     if trainer.config.task != "diffusion" or trainer.config.small_size or not eval_cfg.per_class:
         return out
     start = time.perf_counter()
-    _write_samples(trainer, state, eval_cfg, diffusion_flags, workdir / "samples.png",
+    _write_samples(trainer, state, eval_cfg, workdir / "samples.png",
                    data_lib.class_names(data_cfg))
     out["sample_s"] = time.perf_counter() - start
     if eval_cfg.bpd_images:
@@ -1087,16 +1095,6 @@ def _check_text_config(cfg: TrainConfig) -> None:
     if cfg.conditioning == "text" and cfg.task != "diffusion":
         raise ValueError(f"train.conditioning='text' trains a diffusion model, not task="
                          f"{cfg.task!r}")
-
-
-def glide_diffusion_flags(flags: dict) -> dict:
-    """GLIDE's diffusion flags in guided-diffusion's terms: squaredcos_cap_v2 is GD's "cosine";
-    learned-range variance unless learn_sigma is given."""
-    flags = dict(flags)
-    if flags.get("noise_schedule") == "squaredcos_cap_v2":
-        flags["noise_schedule"] = "cosine"
-    flags.setdefault("learn_sigma", True)
-    return flags
 
 
 def build_text_model(model_flags: dict, train: TrainConfig, data_cfg, n_vocab: int,
@@ -1176,7 +1174,7 @@ def text_model_kwargs(trainer: Trainer, batch: dict, key) -> dict:
     return kwargs
 
 
-def sample_text_images(trainer: Trainer, params, key, eval_cfg: EvalConfig, diffusion_flags):
+def sample_text_images(trainer: Trainer, params, key, eval_cfg: EvalConfig):
     """(images [P * per_class, H, W, C], prompts): per_class samples of each of eval.prompts (the
     empty caption when none) with classifier-free guidance eval.guidance_scale."""
     from diffjax import text2im
@@ -1184,12 +1182,10 @@ def sample_text_images(trainer: Trainer, params, key, eval_cfg: EvalConfig, diff
 
     text = trainer.text
     prompts = list(eval_cfg.prompts) or [""]
-    sched, dcfg = diffusion_from_flags({**glide_diffusion_flags(diffusion_flags),
-                                        "timestep_respacing": eval_cfg.respacing})
     tokens, mask = tokens_and_mask(text2im.load_tokenizer(text.tokenizer), prompts, text.text_ctx)
     tokens, mask = (np.repeat(tokens, eval_cfg.per_class, 0), np.repeat(mask, eval_cfg.per_class, 0))
     stage = text2im.Stage(trainer.module, {"params": params},
-                          _Diffusion(schedule=sched, config=dcfg))
+                          trainer.sampling_diffusion(eval_cfg.respacing))
     inpaint = {}
     if trainer.config.inpaint:  # nothing known: the inpainting model as a text2im one
         inpaint = {"inpaint_image": np.zeros((len(tokens),) + trainer.image_shape, np.float32),
@@ -1199,12 +1195,6 @@ def sample_text_images(trainer: Trainer, params, key, eval_cfg: EvalConfig, diff
                                  cfg_scale=eval_cfg.guidance_scale, pad_token=text.pad_token,
                                  sampler=eval_cfg.sampler, **inpaint)
     return images, prompts
-
-
-@dataclasses.dataclass(frozen=True)
-class _Diffusion:
-    schedule: Any
-    config: Any
 
 
 # Last in the file: `python -m diffjax.train` runs the module top to bottom, so everything main()
