@@ -11,10 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import lax
 
 from diffjax.compat.gd_models import (
     build, create_classifier, create_model, load_state_dict, sr_create_model, state_dict_shapes,
     variables_to_state_dict)
+from diffjax.models import layers
 from diffjax.models import GroupNorm32, qkv_attention, resize_bilinear_torch, timestep_embedding
 from tests._util import PRESETS, nchw_to_nhwc, rel_err
 
@@ -65,6 +67,59 @@ def test_forward_matches_reference(golden, name):
     assert list(state_dict_shapes(module)) == g.config["state_dict_keys"]
     err = rel_err(_forward(module, variables, g), nchw_to_nhwc(g["out"]))
     assert err <= PARITY_TOL, f"{name}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("algorithm", ["direct", "winograd"])
+def test_both_conv3x3_algorithms_match_reference(golden, monkeypatch, algorithm):
+    """Both ways of running the 3x3 convolutions (XLA's direct one and Winograd F(2x2,3x3), the CPU
+    default) reproduce the original model; the counter proves the Winograd path really ran."""
+    calls = []
+    real = layers.conv3x3_winograd
+    monkeypatch.setattr(layers, "conv3x3_winograd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(layers, "CONV3X3_ALGORITHM", algorithm)
+    g = golden("unet_cond32")
+    module, variables = _model_and_vars(g)
+    err = rel_err(_forward(module, variables, g), nchw_to_nhwc(g["out"]))
+    assert err <= PARITY_TOL, f"{algorithm}: rel err {err:.2e}"
+    assert bool(calls) == (algorithm == "winograd")
+
+
+def _conv3x3_float64(x, k):
+    """'SAME' 3x3 convolution (cross-correlation, as PyTorch and XLA) as nine shifted products."""
+    x = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+    h, w = x.shape[1] - 2, x.shape[2] - 2
+    return sum(x[:, i:i + h, j:j + w] @ k[i, j].astype(np.float64) for i in range(3) for j in range(3))
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 16, 8), (1, 4, 6, 3), (3, 32, 18, 40)])
+def test_winograd_conv_matches_float64_convolution(shape):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(np.float32)
+    k = rng.standard_normal((3, 3, shape[-1], 24)).astype(np.float32)
+    ref = _conv3x3_float64(x, k)
+    assert rel_err(layers.conv3x3_winograd(x, k), ref) <= 2e-6
+    # and its gradients are those of the convolution (XLA's own, an independent implementation)
+    r = rng.standard_normal(ref.shape).astype(np.float32)
+
+    def direct(x, k):
+        return lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=lax.Precision.HIGHEST)
+
+    got = jax.grad(lambda x, k: jnp.sum(layers.conv3x3_winograd(x, k) * r), (0, 1))(x, k)
+    want = jax.grad(lambda x, k: jnp.sum(direct(x, k) * r), (0, 1))(x, k)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 2e-6
+
+
+def test_winograd_conv_refuses_what_it_cannot_do(monkeypatch):
+    with pytest.raises(ValueError, match="even H, W"):
+        layers.conv3x3_winograd(np.zeros((1, 5, 6, 2), np.float32), np.zeros((3, 3, 2, 2), np.float32))
+    monkeypatch.setattr(layers, "CONV3X3_ALGORITHM", "fast")
+    with pytest.raises(ValueError, match="DIFFJAX_CONV3X3='fast'"):
+        layers.conv_general_dilated(np.zeros((1, 16, 16, 2), np.float32),
+                                    np.zeros((3, 3, 2, 2), np.float32), (1, 1), ((1, 1), (1, 1)),
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def test_classifier_guidance_gradient_matches_reference(golden):
