@@ -20,6 +20,11 @@ same network), and the ratio diffjax / PyTorch is printed (target on CPU: <= 0.8
 """
 from __future__ import annotations
 
+from diffjax import hugepages
+
+if __name__ == "__main__":
+    hugepages.reexec()  # first: glibc reads its malloc tunables only when a process starts
+
 import argparse
 import os
 import statistics

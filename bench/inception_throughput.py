@@ -8,6 +8,11 @@ Without --weights the network has random weights (speed does not depend on their
 """
 from __future__ import annotations
 
+from diffjax import hugepages
+
+if __name__ == "__main__":
+    hugepages.reexec()  # first: glibc reads its malloc tunables only when a process starts
+
 import argparse
 import time
 

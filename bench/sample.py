@@ -12,6 +12,11 @@ ratio diffjax / PyTorch is printed per workload (target on CPU: <= 0.5).
 """
 from __future__ import annotations
 
+from diffjax import hugepages
+
+if __name__ == "__main__":
+    hugepages.reexec()  # first: glibc reads its malloc tunables only when a process starts
+
 import argparse
 import os
 import statistics

@@ -20,6 +20,11 @@ on the batch, optimizer step, EMA update). Ratio target on CPU: diffjax <= 0.8x 
 """
 from __future__ import annotations
 
+from diffjax import hugepages
+
+if __name__ == "__main__":
+    hugepages.reexec()  # first: glibc reads its malloc tunables only when a process starts
+
 import argparse
 import os
 import resource

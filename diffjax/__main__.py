@@ -9,6 +9,11 @@ K images cannot beat; the gap is what the finite chain and the fixed variances c
 """
 from __future__ import annotations
 
+from diffjax import hugepages
+
+if __name__ == "__main__":
+    hugepages.reexec()  # first: glibc reads its malloc tunables only when a process starts
+
 import argparse
 import time
 

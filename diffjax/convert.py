@@ -15,6 +15,11 @@ replaces a good checkpoint. `load_converted(dir)` gives back (module, variables,
 
 from __future__ import annotations
 
+from diffjax import hugepages
+
+if __name__ == "__main__":
+    hugepages.reexec()  # first: glibc reads its malloc tunables only when a process starts
+
 import argparse
 import os
 import pathlib

@@ -23,6 +23,11 @@ sample text-to-image with classifier-free guidance, optionally upsampled and inp
 """
 from __future__ import annotations
 
+from diffjax import hugepages
+
+if __name__ == "__main__":
+    hugepages.reexec()  # first: glibc reads its malloc tunables only when a process starts
+
 import argparse
 import importlib.util
 import pathlib

@@ -30,6 +30,11 @@ Tasks (what guided-diffusion, improved-diffusion and GLIDE train):
 """
 from __future__ import annotations
 
+from diffjax import hugepages
+
+if __name__ == "__main__":
+    hugepages.reexec()  # first: glibc reads its malloc tunables only when a process starts
+
 import dataclasses
 import functools
 import json

@@ -24,6 +24,11 @@ Bits/dim of a checkpoint over a dataset split (see diffjax/evaluate/bpd.py):
 """
 from __future__ import annotations
 
+from diffjax import hugepages
+
+if __name__ == "__main__":
+    hugepages.reexec()  # first: glibc reads its malloc tunables only when a process starts
+
 import argparse
 import sys
 import time
