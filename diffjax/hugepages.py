@@ -20,13 +20,10 @@ TUNABLE = "glibc.malloc.hugetlb=1"
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def wanted() -> bool:
-    """True when setting TUNABLE would change anything: Linux glibc >= 2.35 (the tunable's first
-    release), transparent huge pages in "madvise" mode ("always" needs no advice, "never" ignores
-    it), not disabled by DIFFJAX_HUGEPAGES=0 and no hugetlb tunable set already."""
-    if sys.platform != "linux" or os.environ.get("DIFFJAX_HUGEPAGES", "1") == "0":
-        return False
-    if "glibc.malloc.hugetlb" in os.environ.get("GLIBC_TUNABLES", ""):
+def supported() -> bool:
+    """Linux with glibc >= 2.35 (the tunable's first release) and transparent huge pages in
+    "madvise" mode ("always" needs no advice, "never" ignores it)."""
+    if sys.platform != "linux":
         return False
     try:
         name, version = os.confstr("CS_GNU_LIBC_VERSION").split()
@@ -36,6 +33,14 @@ def wanted() -> bool:
             return "[madvise]" in f.read()
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def wanted() -> bool:
+    """True when setting TUNABLE would change anything: `supported()`, not turned off by
+    DIFFJAX_HUGEPAGES=0, and no hugetlb tunable set already."""
+    return (os.environ.get("DIFFJAX_HUGEPAGES", "1") != "0"
+            and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")
+            and supported())
 
 
 def reexec() -> None:

@@ -4,6 +4,10 @@ import os
 
 # Must run before JAX initialises its backend.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLIs the tests launch are short, tiny runs, where 2 MiB pages cost more than they save
+# (measured: resume + multihost + main-job tests 177 s without, 202 s with); tests/test_hugepages.py
+# tests the re-exec itself.
+os.environ.setdefault("DIFFJAX_HUGEPAGES", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
