@@ -4,7 +4,7 @@ XLA's CPU runtime mallocs each executable's scratch buffer on every call and fre
 glibc serves a buffer that large with a fresh mmap, so every call touches every page of it anew. On
 the 2-core CI VM a CIFAR-10 ADM training step (2.9 GB scratch) took 744k page faults and 2.2 s of
 kernel time out of 5.9 s. glibc's `glibc.malloc.hugetlb=1` tunable makes malloc ask for transparent
-huge pages on such mappings (2 MiB faults): 1.9k faults and a 4.5 s step.
+huge pages on such mappings (2 MiB faults): 1.6k faults and a 5.0 s step.
 
 glibc reads its tunables only at process start, so the command-line entry points call `reexec()`
 first: if the tunable would help and is not set, the process replaces itself (same PID, arguments
