@@ -205,12 +205,6 @@ def gaussian_diffusion(flags: dict):
                                          **{k: f[k] for k in names if k in f})
 
 
-def diffusion_from_flags(flags: dict) -> tuple[S.Schedule, D.DiffusionConfig]:
-    """(schedule, DiffusionConfig) of guided-diffusion's diffusion flags (gaussian_diffusion)."""
-    gd = gaussian_diffusion(flags)
-    return gd.schedule, gd.config
-
-
 def build_model(model_flags: dict, train: TrainConfig, image_size: int, channels: int,
                 learn_sigma: bool):
     """The Flax module of a config: UNetModel, SuperResModel (small_size > 0) or EncoderUNetModel
@@ -542,7 +536,8 @@ def trainer_from_config(config: ml_collections.ConfigDict):
         module, init_params, text = text_model_setup(
             config, train_cfg, data_cfg, module if config.get("init_from") else None, init_params,
             bool(diffusion_flags["learn_sigma"]))
-    sched, dcfg = diffusion_from_flags(diffusion_flags)
+    gd = gaussian_diffusion(diffusion_flags)
+    sched, dcfg = gd.schedule, gd.config
     if not config.get("init_from") and text is None:
         module = build_model(dict(config.model), train_cfg, data_cfg.image_size, data_cfg.channels,
                              bool(diffusion_flags.get("learn_sigma", False)))
