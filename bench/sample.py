@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from forward import CONFIGS, random_state_dict  # noqa: E402
 
 import diffjax  # noqa: E402
-from diffjax import guidance as G  # noqa: E402
+from diffjax.core import guidance as G  # noqa: E402
 from diffjax.compat import gd_models  # noqa: E402
 from diffjax.compat import guided_diffusion as gdc  # noqa: E402
 

@@ -1,8 +1,8 @@
 """diffjax: OpenAI's diffusion models (DDPM, improved DDPM, ADM, GLIDE) in JAX + Flax.
 
-The core is functional: a `Schedule` is a frozen pytree of arrays (`diffjax.schedules`), the
-diffusion maths are pure functions over it (`diffjax.diffusion`), and timestep samplers keep their
-state explicitly (`diffjax.timestep_sampling`). `diffjax.compat.guided_diffusion` speaks
+The core is functional: a `Schedule` is a frozen pytree of arrays (`diffjax.core.schedules`), the
+diffusion maths are pure functions over it (`diffjax.core.diffusion`), and timestep samplers keep their
+state explicitly (`diffjax.core.timestep_sampling`). `diffjax.compat.guided_diffusion` speaks
 openai/guided-diffusion's vocabulary on top of that core.
 """
 

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import diffusion as D
-from diffjax import schedules as S
+from diffjax.core import diffusion as D
+from diffjax.core import schedules as S
 
 
 def posterior_mean_denoiser(sched: S.Schedule, data: jnp.ndarray):

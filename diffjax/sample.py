@@ -1,7 +1,7 @@
 """`diffjax.sample(...)` for notebooks and `python -m diffjax.sample` on the command line.
 
 This module is callable: `diffjax.sample(key, model, schedule, shape, ...)` is
-`diffjax.samplers.sample` (see its docstring). A package attribute and a submodule cannot share
+`diffjax.core.samplers.sample` (see its docstring). A package attribute and a submodule cannot share
 the name `sample` otherwise: importing the command-line module would replace the function.
 
 Command line: sample a checkpoint and write guided-diffusion's npz layout (`arr_0` uint8 NHWC,
@@ -37,8 +37,8 @@ import types
 
 import numpy as np
 
-from diffjax.samplers import SAMPLERS
-from diffjax.samplers import sample as _sample
+from diffjax.core.samplers import SAMPLERS
+from diffjax.core.samplers import sample as _sample
 
 
 def load_config(spec: str):
@@ -96,7 +96,7 @@ def main(argv=None) -> pathlib.Path:
     import jax
     import jax.numpy as jnp
 
-    from diffjax import guidance as G
+    from diffjax.core import guidance as G
     from diffjax import images
     from diffjax.convert import load_converted
 

@@ -12,7 +12,7 @@ Sampling follows openai/glide-text2im's notebooks:
   `low_res`; the caption (no guidance); GLIDE's "fast27" respacing; DDIM (eta 0) for text2im,
   ancestral sampling for inpainting; the initial noise x_T scaled by upsample_temp = 0.997;
 * inpainting (inpaint.ipynb): the model sees inpaint_image = image * mask and inpaint_mask (1 =
-  known), and each x0 prediction is projected onto the known pixels (`diffjax.guidance.inpaint`,
+  known), and each x0 prediction is projected onto the known pixels (`diffjax.core.guidance.inpaint`,
   on_x0). The mask is given at 64x64 and upsampled (nearest) for the 256 stage. With RePaint's
   resampling (`jump_length`, `resample_count` > 1) the known region is also imposed on x_t after
   every step, as RePaint does.
@@ -31,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import guidance as G
-from diffjax.samplers import sample
+from diffjax.core import guidance as G
+from diffjax.core.samplers import sample
 
 # glide-text2im's schedule names -> diffjax's: squaredcos_cap_v2 is GD's "cosine" (the same
 # alpha-bar cos^2((t / T + 0.008) / 1.008 * pi / 2), betas capped at 0.999).
@@ -168,7 +168,7 @@ def empty_caption(module, pad_token: int):
 
 
 def text_guidance(module, variables, scale, pad_token: int, mean_channels: int = 3):
-    """Classifier-free guidance on captions (GLIDE): `diffjax.guidance.classifier_free` whose
+    """Classifier-free guidance on captions (GLIDE): `diffjax.core.guidance.classifier_free` whose
     unconditional branch is the empty caption's text embedding. Use with model_kwargs
     {"text_emb": text_embedding(...)}. out = uncond + scale (cond - uncond) on the eps channels;
     scale 0 samples the unconditional model, 1 the conditional one."""
@@ -185,7 +185,7 @@ def inpaint_kwargs(image, mask) -> dict:
 
 def inpaint_guidance(image, mask, *, jump_length: int = 1, resample_count: int = 1,
                      on_xt: bool | None = None) -> G.Inpaint:
-    """The known region imposed while sampling (`diffjax.guidance.inpaint`): GLIDE's denoised_fn
+    """The known region imposed while sampling (`diffjax.core.guidance.inpaint`): GLIDE's denoised_fn
     x0 <- mask image + (1 - mask) x0 at every step; with RePaint's resampling (resample_count > 1)
     also x_t <- mask q(x_t | image) + (1 - mask) x_t after every step (on_xt; default: only with
     resampling, as GLIDE's notebook does not)."""

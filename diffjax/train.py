@@ -55,13 +55,13 @@ import numpy as np
 import optax
 
 from diffjax import data as data_lib
-from diffjax import diffusion as D
+from diffjax.core import diffusion as D
 from diffjax import distributed
 from diffjax import images as images_lib
 from diffjax import parallel
 from diffjax import paths
-from diffjax import schedules as S
-from diffjax import timestep_sampling
+from diffjax.core import schedules as S
+from diffjax.core import timestep_sampling
 from diffjax.checkpoints import manager as ckpt_lib
 from diffjax.compat import gd_models
 
@@ -752,7 +752,7 @@ def sample_images(trainer: Trainer, params, key, eval_cfg: EvalConfig):
     diffjax.sample; class-conditional models get per_class images of every class, with
     classifier-free guidance for a classifier-free model."""
     import diffjax
-    from diffjax import guidance as G
+    from diffjax.core import guidance as G
 
     cfg = trainer.config
     if cfg.conditioning == "text":

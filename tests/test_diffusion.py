@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy.special import ndtr
 
-from diffjax import diffusion as D
-from diffjax import schedules as S
+from diffjax.core import diffusion as D
+from diffjax.core import schedules as S
 from diffjax.compat import guided_diffusion as gdc
 from tests._util import nchw_to_nhwc, rel_err
 

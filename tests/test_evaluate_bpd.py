@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from diffjax import data as data_lib
-from diffjax import diffusion as D
+from diffjax.core import diffusion as D
 from diffjax import train as T
 from diffjax.checkpoints.manager import CheckpointManager
 from diffjax.evaluate import __main__ as cli

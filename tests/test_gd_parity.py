@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax import guidance as G
+from diffjax.core import guidance as G
 from diffjax.compat import gd_models
 from diffjax.compat import guided_diffusion as gdc
 from tests._util import nchw_to_nhwc, rel_err

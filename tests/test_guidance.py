@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import diffjax
-from diffjax import diffusion as D
-from diffjax import guidance as G
-from diffjax import schedules as S
+from diffjax.core import diffusion as D
+from diffjax.core import guidance as G
+from diffjax.core import schedules as S
 
 SAMPLERS = ["ddpm", "ddim", "dpm++2m", "heun"]
 SCHED = S.make_schedule("cosine", 1000, "8")

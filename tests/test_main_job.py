@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax import __main__ as main_job
-from diffjax import diffusion as D
-from diffjax import schedules as S
+from diffjax.core import diffusion as D
+from diffjax.core import schedules as S
 
 
 def test_posterior_mean_denoiser_is_bayes_optimal():

@@ -62,7 +62,7 @@ def test_workdir_samples_the_runs_ema_with_its_schedule(tiny_workdir, tmp_path):
     import jax.numpy as jnp
 
     import diffjax
-    from diffjax import guidance as G
+    from diffjax.core import guidance as G
     from diffjax import images
     from diffjax import train as T
     from diffjax.checkpoints.manager import CheckpointManager
@@ -78,7 +78,7 @@ def test_workdir_samples_the_runs_ema_with_its_schedule(tiny_workdir, tmp_path):
     manager = CheckpointManager(tiny_workdir / "checkpoints")
     state, _ = manager.restore(None)
     manager.close()
-    sched = diffjax.schedules.make_schedule("cosine", 10, "5")
+    sched = diffjax.core.schedules.make_schedule("cosine", 10, "5")
     assert sched.num_timesteps == 5
     guidance = G.classifier_free(2.5, {"y": jnp.full((1,), 10)}, mean_channels=1)
     _, k_sample = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(5), 0))

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 import diffjax
-from diffjax import diffusion as D
-from diffjax import guidance as G
-from diffjax import samplers as SM
-from diffjax import schedules as S
+from diffjax.core import diffusion as D
+from diffjax.core import guidance as G
+from diffjax.core import samplers as SM
+from diffjax.core import schedules as S
 
 MU, STD = 0.3, 0.5
 X0_CFG = D.DiffusionConfig(mean_type="start_x", var_type="fixed_small")

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from diffjax import schedules as S
+from diffjax.core import schedules as S
 from diffjax.compat import guided_diffusion as gdc
 
 GOLDEN_SCHEDULES = {

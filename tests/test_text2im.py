@@ -3,10 +3,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import schedules
+from diffjax.core import schedules
 from diffjax import text2im
 from diffjax.compat import glide_text2im as GT
-from diffjax.samplers import sample
+from diffjax.core.samplers import sample
 from tests._tiny_glide import TINY_FLAGS
 
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax import timestep_sampling as TS
+from diffjax.core import timestep_sampling as TS
 
 
 def test_uniform_sampler():

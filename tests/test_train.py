@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from diffjax import diffusion as D
+from diffjax.core import diffusion as D
 from diffjax import parallel
 from diffjax import train as T
 from tests._util import REPO

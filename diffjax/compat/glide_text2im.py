@@ -11,7 +11,7 @@
   no pickled code run); `state_dict_shapes`, `variables_to_state_dict` as in `gd_models`.
 * `apply(module, variables, x, t, **kwargs)`, `get_text_emb(module, variables, tokens, mask)`.
 * `cfg_model_fn(model_fn, guidance_scale)`: the text2im notebook's classifier-free-guidance
-  model_fn on a [cond; uncond] batch, built on `diffjax.guidance.classifier_free`.
+  model_fn on a [cond; uncond] batch, built on `diffjax.core.guidance.classifier_free`.
 
 Images are NHWC; `xf_out` is [B, text_ctx, xf_width] (glide-text2im: [B, xf_width, text_ctx]).
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from diffjax import guidance as G
+from diffjax.core import guidance as G
 from diffjax.compat import gd_models
 from diffjax.compat.gd_models import (  # noqa: F401  (the mapping works for GLIDE's models too)
     load_state_dict, state_dict_shapes, variables_to_state_dict)
@@ -154,7 +154,7 @@ def cfg_model_fn(model_fn, guidance_scale, mean_channels: int = 3):
     eps = uncond + s * (cond - uncond) on the first `mean_channels` channels, for both halves; the
     other channels (the learned variance) are each half's own raw output. -> [2B, H, W, C].
 
-    The first half is exactly `diffjax.guidance.classifier_free(s, uncond_kwargs)` applied to
+    The first half is exactly `diffjax.core.guidance.classifier_free(s, uncond_kwargs)` applied to
     x[:B] (the transform to use with diffjax's samplers, which need no doubled batch); the second
     half only repeats it with the unconditional variance, which glide-text2im's sampler carries
     along and discards. Both halves use t[:B], as the notebook's sampler gives every item the same t.

@@ -1,7 +1,7 @@
 """openai/guided-diffusion's vocabulary on top of diffjax's functional core.
 
 A thin façade for porting scripts line by line and for checking every number against the
-original code: no maths lives here (it is in `diffjax.schedules` / `diffjax.diffusion`). Images
+original code: no maths lives here (it is in `diffjax.core.schedules` / `diffjax.core.diffusion`). Images
 are NHWC; timesteps int [B]; randomness is explicit (`noise=` / `key=` where GD draws its own).
 `model_fn(x, t, **model_kwargs)` receives ORIGINAL timesteps (float t * 1000 / T with
 `rescale_timesteps=True`), as guided-diffusion's `_WrappedModel` passes them.
@@ -16,17 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import diffusion as D
-from diffjax import guidance as G
-from diffjax import samplers as SM
-from diffjax import schedules as S
-from diffjax.diffusion import (  # noqa: F401  (GD's free functions, same names and semantics)
+from diffjax.core import diffusion as D
+from diffjax.core import guidance as G
+from diffjax.core import samplers as SM
+from diffjax.core import schedules as S
+from diffjax.core.diffusion import (  # noqa: F401  (GD's free functions, same names and semantics)
     approx_standard_normal_cdf,
     discretized_gaussian_log_likelihood,
     mean_flat,
     normal_kl,
 )
-from diffjax.schedules import get_named_beta_schedule, space_timesteps  # noqa: F401
+from diffjax.core.schedules import get_named_beta_schedule, space_timesteps  # noqa: F401
 from diffjax.checkpoints.torch_pt import UnsafeCheckpointError, read_pt  # noqa: F401
 from diffjax.compat.gd_models import (  # noqa: F401  (the models half of the façade)
     build,
@@ -66,8 +66,8 @@ class GaussianDiffusion:
     """A (possibly respaced) diffusion with GD's attributes and method signatures.
 
     Attributes: the float64 numpy tables of GD (`betas`, `alphas_cumprod`, ...), `num_timesteps`,
-    `original_num_steps`, `timestep_map`; `schedule` (the float32 `diffjax.schedules.Schedule`
-    pytree) and `config` (`diffjax.diffusion.DiffusionConfig`) for the functional API.
+    `original_num_steps`, `timestep_map`; `schedule` (the float32 `diffjax.core.schedules.Schedule`
+    pytree) and `config` (`diffjax.core.diffusion.DiffusionConfig`) for the functional API.
     All methods are jit-compatible.
     """
 

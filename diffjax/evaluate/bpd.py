@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from diffjax import data as data_lib
-from diffjax import diffusion as D
+from diffjax.core import diffusion as D
 
 ESTIMATORS = ("exact", "mc")
 

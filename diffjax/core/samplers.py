@@ -10,7 +10,7 @@ where `ctx` (a `Context`) carries the schedule, the diffusion config, the model 
 is an optional override of the noise the step would draw from `key` (for parity with stored noise).
 
 Samplers are pytrees: numeric settings such as DDIM's eta are traced, so changing them does not
-recompile. Guidance transforms (`diffjax.guidance`) plug into every sampler: score gradients enter
+recompile. Guidance transforms (`diffjax.core.guidance`) plug into every sampler: score gradients enter
 through `denoise(..., mode)`, projections after each step through the loop.
 """
 from __future__ import annotations
@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import diffusion as D
-from diffjax import guidance as G
-from diffjax.schedules import Schedule
+from diffjax.core import diffusion as D
+from diffjax.core import guidance as G
+from diffjax.core.schedules import Schedule
 
 
 @flax.struct.dataclass
@@ -387,7 +387,7 @@ def sample(
         timestep. Prefer the pair: its variables are traced, while a plain function is a static
         argument (a new closure each call recompiles).
     sampler: "ddpm" | "ddim" | "dpm++2m" | "heun" or an instance (e.g. `DDIM(eta=0.5)`).
-    guidance: a `diffjax.guidance` transform or chain; scales, masks, references are traced.
+    guidance: a `diffjax.core.guidance` transform or chain; scales, masks, references are traced.
     model_kwargs: conditioning arrays with a leading batch dim (e.g. {"y": labels}).
     noise_scale: the drawn x_T is noise_scale * N(0, I) (traced; GLIDE's upsample_temp = 0.997 for
         its upsampler); the noise of the steps themselves is not scaled, as in GLIDE. Not with x_T.

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.schedules import Schedule
+from diffjax.core.schedules import Schedule
 
 MEAN_TYPES = ("epsilon", "start_x", "previous_x", "v")
 VAR_TYPES = ("fixed_small", "fixed_large", "learned", "learned_range")

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import diffusion as D
-from diffjax.schedules import Schedule
+from diffjax.core import diffusion as D
+from diffjax.core.schedules import Schedule
 
 
 class Transform:
