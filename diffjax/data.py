@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from diffjax import paths
+from diffjax import tokenizer as tokenizer_lib
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)  # the Debian package's files
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -378,7 +379,7 @@ def class_names(config: DataConfig) -> Sequence[str] | None:
 # of a tfds dataset ("caption", or "captions/text" for a nested one; a list of captions gives one
 # at random per read), the extension of the same-stem caption files of an image folder ("txt":
 # dir/cat_01.png + dir/cat_01.txt), or "caption" for the synthetic "shapes" source. Captions are
-# tokenized in the data pipeline with `data.tokenizer` (see diffjax.text2im.load_tokenizer) into
+# tokenized in the data pipeline with `data.tokenizer` (see diffjax.tokenizer.load) into
 # "tokens" [text_ctx] int32 and "mask" [text_ctx] bool (True for real tokens), GLIDE's model inputs.
 
 SHAPE_COLOURS = {"red": (230, 30, 30), "green": (30, 200, 30), "blue": (40, 60, 235)}
@@ -482,10 +483,7 @@ def caption_text(record: dict, feature: str, rng: np.random.Generator | None) ->
 
 def caption_tokens(config: DataConfig, record: dict, rng: np.random.Generator | None) -> dict:
     """{"tokens": int32 [text_ctx], "mask": bool [text_ctx]} of the record's caption."""
-    from diffjax import text2im
-    from diffjax.tokenizer import tokens_and_mask
-
-    tokenizer = text2im.load_tokenizer(config.tokenizer)
-    tokens, mask = tokens_and_mask(tokenizer, caption_text(record, config.captions, rng),
+    tokenizer = tokenizer_lib.load(config.tokenizer)
+    tokens, mask = tokenizer_lib.tokens_and_mask(tokenizer, caption_text(record, config.captions, rng),
                                    config.text_ctx)
     return {"tokens": tokens[0], "mask": mask[0]}

@@ -39,6 +39,7 @@ import numpy as np
 
 from diffjax.core.samplers import SAMPLERS
 from diffjax.core.samplers import sample as _sample
+from diffjax import tokenizer as tokenizer_lib
 
 
 def load_config(spec: str):
@@ -247,7 +248,7 @@ def _load_glide_tokenizer(spec):
                 "and vocab.bpe.gz, the GPT-2 BPE of the released models, beside "
                 "bpe_simple_vocab_16e6.txt.gz), e.g. from a clone of "
                 "https://github.com/openai/glide-text2im") from None
-    return text2im.load_tokenizer(spec)
+    return tokenizer_lib.load(spec)
 
 
 def _read_png(path, mode: str, what: str) -> np.ndarray:
@@ -274,7 +275,7 @@ def main_glide(args, module, variables, config) -> pathlib.Path:
     if args.prompt is None:
         raise ValueError("a GLIDE checkpoint samples a caption: pass --prompt \"...\"")
     tokenizer = _load_glide_tokenizer(args.bpe)
-    text2im.check_tokenizer(tokenizer, module)
+    tokenizer_lib.check_vocabulary(tokenizer, getattr(module, 'n_vocab', None), type(module).__name__)
     sampling = dict(config.get("sampling", {}))
     respacing = args.timestep_respacing or (str(args.steps) if args.steps else
                                             sampling.get("timestep_respacing", "100"))
@@ -286,7 +287,7 @@ def main_glide(args, module, variables, config) -> pathlib.Path:
         if not _is_glide(up_config) or up_config.get("kind") != "super_resolution":
             raise ValueError(f"--upsampler {args.upsampler} is not a GLIDE upsampler (convert one "
                              f"with --preset upsample or upsample-inpaint)")
-        text2im.check_tokenizer(tokenizer, up_module)
+        tokenizer_lib.check_vocabulary(tokenizer, getattr(up_module, 'n_vocab', None), type(up_module).__name__)
         up_respacing = args.upsample_respacing or dict(up_config.get("sampling", {})).get(
             "timestep_respacing", "fast27")
         up = text2im.Stage(up_module, up_vars,

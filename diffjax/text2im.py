@@ -79,45 +79,6 @@ def glide_diffusion_flags(flags: dict) -> dict:
     return flags
 
 
-@functools.lru_cache(maxsize=8)
-def load_tokenizer(spec: str):
-    """The caption tokenizer of `spec` (cached):
-
-    * a folder holding glide-text2im's encoder.json(.gz) and vocab.bpe(.gz), or either file: GPT-2's
-      BPE, the tokenizer of the released GLIDE models (n_vocab 50257; find the files in the
-      glide-text2im package, glide_text2im/tokenizer/);
-    * "bytes": byte-level, no merges: the 256 byte symbols plus <|endoftext|> (n_vocab 257), for
-      small models trained from scratch with no vocabulary file.
-    """
-    from diffjax import tokenizer as T
-
-    if spec == "bytes":
-        symbols = list(T.bytes_to_unicode().values())
-        encoder = {c: i for i, c in enumerate(symbols)}
-        encoder[T.END] = len(symbols)
-        return T.GPT2Tokenizer(encoder, [])
-    path = pathlib.Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"tokenizer {spec!r} does not exist: pass the folder glide_text2im/tokenizer/ of the "
-            f"glide-text2im package (it holds encoder.json.gz and vocab.bpe.gz, GLIDE's GPT-2 "
-            f"BPE; bpe_simple_vocab_16e6.txt.gz beside them is CLIP's), e.g. "
-            f"$(python -c 'import glide_text2im, os; print(os.path.dirname(glide_text2im.__file__))')"
-            f"/tokenizer, or 'bytes' for a byte-level model trained with diffjax")
-    return T.load_tokenizer(path)
-
-
-def check_tokenizer(tokenizer, module) -> None:
-    """The tokenizer's vocabulary must be the model's (token ids index its embedding)."""
-    n_vocab = getattr(module, "n_vocab", None)
-    if n_vocab is not None and tokenizer.n_vocab != n_vocab:
-        raise ValueError(
-            f"the tokenizer has {tokenizer.n_vocab} tokens but {type(module).__name__} was built "
-            f"for n_vocab={n_vocab}: the released GLIDE models need GPT-2's BPE (glide_text2im/"
-            f"tokenizer/ with encoder.json.gz and vocab.bpe.gz; bpe_simple_vocab_16e6.txt.gz is "
-            f"CLIP's, 49408 tokens); a model trained with diffjax needs its training tokenizer")
-
-
 def quantize_8bit(x):
     """GLIDE's low-resolution input: x [-1, 1] rounded to the 256 levels of an 8-bit image,
     ((x + 1) * 127.5).round() / 127.5 - 1 (round half to even, as torch.round)."""
@@ -441,7 +402,7 @@ def expand_input_channels(new_module, new_params, old_module, old_params):
     return jax.tree_util.tree_map_with_path(merge, new_params)
 
 
-__all__ = ["Stage", "load_tokenizer", "check_tokenizer", "glide_diffusion", "quantize_8bit", "text_embedding", "empty_caption",
+__all__ = ["Stage", "glide_diffusion", "quantize_8bit", "text_embedding", "empty_caption",
            "text_guidance", "inpaint_kwargs", "inpaint_guidance", "resize_image", "resize_mask",
            "sample_base", "upsample", "text2im", "drop_captions", "random_inpaint_masks",
            "input_layout", "with_class", "expand_input_channels", "UPSAMPLE_TEMP"]

@@ -293,5 +293,42 @@ def load_tokenizer(path=None):
     return GPT2Tokenizer.from_files(find("encoder.json"), find("vocab.bpe"))
 
 
-__all__ = ["GPT2Tokenizer", "CLIPTokenizer", "bytes_to_unicode", "tokens_and_mask",
+@functools.lru_cache(maxsize=8)
+def load(spec: str):
+    """The caption tokenizer of `spec` (cached):
+
+    * a folder holding glide-text2im's encoder.json(.gz) and vocab.bpe(.gz), or either file: GPT-2's
+      BPE, the tokenizer of the released GLIDE models (n_vocab 50257; find the files in the
+      glide-text2im package, glide_text2im/tokenizer/);
+    * "bytes": byte-level, no merges: the 256 byte symbols plus <|endoftext|> (n_vocab 257), for
+      small models trained from scratch with no vocabulary file.
+    """
+    if spec == "bytes":
+        symbols = list(bytes_to_unicode().values())
+        encoder = {c: i for i, c in enumerate(symbols)}
+        encoder[END] = len(symbols)
+        return GPT2Tokenizer(encoder, [])
+    path = pathlib.Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"tokenizer {spec!r} does not exist: pass the folder glide_text2im/tokenizer/ of the "
+            f"glide-text2im package (it holds encoder.json.gz and vocab.bpe.gz, GLIDE's GPT-2 "
+            f"BPE; bpe_simple_vocab_16e6.txt.gz beside them is CLIP's), e.g. "
+            f"$(python -c 'import glide_text2im, os; print(os.path.dirname(glide_text2im.__file__))')"
+            f"/tokenizer, or 'bytes' for a byte-level model trained with diffjax")
+    return load_tokenizer(path)
+
+
+def check_vocabulary(tokenizer, n_vocab: int | None, model: str = "the model") -> None:
+    """The tokenizer's vocabulary must be the model's (token ids index its embedding)."""
+    if n_vocab is not None and tokenizer.n_vocab != n_vocab:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.n_vocab} tokens but {model} was built "
+            f"for n_vocab={n_vocab}: the released GLIDE models need GPT-2's BPE (glide_text2im/"
+            f"tokenizer/ with encoder.json.gz and vocab.bpe.gz; bpe_simple_vocab_16e6.txt.gz is "
+            f"CLIP's, 49408 tokens); a model trained with diffjax needs its training tokenizer")
+
+
+
+__all__ = ["load", "check_vocabulary", "GPT2Tokenizer", "CLIPTokenizer", "bytes_to_unicode", "tokens_and_mask",
            "empty_tokens_and_mask", "load_tokenizer", "glide_tokenizer_dir"]

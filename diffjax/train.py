@@ -64,6 +64,7 @@ from diffjax.core import schedules as S
 from diffjax.core import timestep_sampling
 from diffjax.checkpoints import manager as ckpt_lib
 from diffjax.compat import gd_models
+from diffjax import tokenizer as tokenizer_lib
 
 TASKS = ("diffusion", "classifier")
 CONDITIONINGS = ("none", "class", "classifier_free", "text")
@@ -1129,12 +1130,12 @@ def text_model_setup(config, train: TrainConfig, data_cfg, loaded_module, loaded
     if not data_cfg.captions:
         raise ValueError("train.conditioning='text' needs captions: set data.captions (the caption "
                          "feature, 'txt' for an image folder with .txt files) and data.tokenizer")
-    tokenizer = text2im.load_tokenizer(data_cfg.tokenizer)
+    tokenizer = tokenizer_lib.load(data_cfg.tokenizer)
     text = TextSetup(data_cfg.tokenizer, data_cfg.text_ctx, tokenizer.end_token)
     if loaded_module is None:
         return (build_text_model(dict(config.model), train, data_cfg, tokenizer.n_vocab,
                                  learn_sigma), None, text)
-    text2im.check_tokenizer(tokenizer, loaded_module)
+    tokenizer_lib.check_vocabulary(tokenizer, getattr(loaded_module, 'n_vocab', None), type(loaded_module).__name__)
     if getattr(loaded_module, "text_ctx", None) != data_cfg.text_ctx:
         raise ValueError(f"init_from has text_ctx={getattr(loaded_module, 'text_ctx', None)}; set "
                          f"data.text_ctx to it")
@@ -1182,7 +1183,7 @@ def sample_text_images(trainer: Trainer, params, key, eval_cfg: EvalConfig):
 
     text = trainer.text
     prompts = list(eval_cfg.prompts) or [""]
-    tokens, mask = tokens_and_mask(text2im.load_tokenizer(text.tokenizer), prompts, text.text_ctx)
+    tokens, mask = tokens_and_mask(tokenizer_lib.load(text.tokenizer), prompts, text.text_ctx)
     tokens, mask = (np.repeat(tokens, eval_cfg.per_class, 0), np.repeat(mask, eval_cfg.per_class, 0))
     stage = text2im.Stage(trainer.module, {"params": params},
                           trainer.sampling_diffusion(eval_cfg.respacing))

@@ -17,6 +17,7 @@ from diffjax import text2im
 from diffjax import train as train_lib
 from diffjax.compat import glide_text2im as GT
 from diffjax.tokenizer import tokens_and_mask
+from diffjax import tokenizer as tokenizer_lib
 from tests._tiny_glide import TINY_FLAGS, write_vocab
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -48,7 +49,7 @@ def test_shapes_batches_carry_tokens_of_their_captions(vocab):
     batch = data_lib.make_iterator(cfg, 8).next()
     assert batch["image"].shape == (8, 16, 16, 3) and batch["tokens"].shape == (8, 4)
     assert batch["tokens"].dtype == np.int32 and batch["mask"].dtype == bool
-    tok = text2im.load_tokenizer(str(vocab))
+    tok = tokenizer_lib.load(str(vocab))
     for image, tokens, mask, label in zip(batch["image"], batch["tokens"], batch["mask"],
                                           batch["label"]):
         caption = tok.decode(tokens[mask])
@@ -83,7 +84,7 @@ def test_train_step_sees_tokens_drops_captions_and_shards_any_batch_keys(vocab):
     config = _config(vocab, caption_dropout=0.5, inpaint=True)
     trainer, data_cfg, _ = train_lib.trainer_from_config(config)
     assert type(trainer.module).__name__ == "InpaintText2ImUNet"
-    assert trainer.text.pad_token == text2im.load_tokenizer(str(vocab)).end_token
+    assert trainer.text.pad_token == tokenizer_lib.load(str(vocab)).end_token
     batch = data_lib.make_iterator(data_cfg, 8).next()
     kwargs = trainer._model_kwargs(jax.tree.map(jnp.asarray, batch), jax.random.PRNGKey(3))
     dropped = ~np.asarray(kwargs["mask"]).any(-1)
@@ -158,7 +159,7 @@ def test_tiny_text_model_follows_prompts_better_with_guidance(vocab):
     loss = float(metrics["loss"][0])
     train_s = time.perf_counter() - start
 
-    tok = text2im.load_tokenizer(str(vocab))
+    tok = tokenizer_lib.load(str(vocab))
     colours = [c for c in COLOURS for _ in range(8)]
     prompts = [f"{c} {('square', 'circle')[i % 2]}" for i, c in enumerate(colours)]
     tokens, mask = tokens_and_mask(tok, prompts, 4)

@@ -4,6 +4,7 @@ import pytest
 
 from diffjax import convert
 from diffjax import sample as sample_cli
+from diffjax import tokenizer as tokenizer_lib
 from tests._util import PARITY, require
 
 FLAGS = ("--image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2,2 "
@@ -120,7 +121,7 @@ def glide(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("glide")
     vocab = write_vocab(tmp / "tokenizer")
-    n_vocab = text2im.load_tokenizer(str(vocab)).n_vocab
+    n_vocab = tokenizer_lib.load(str(vocab)).n_vocab
     return dict(
         vocab=vocab,
         base=_glide_checkpoint(tmp, "base", n_vocab, image_size=16),
