@@ -229,6 +229,12 @@ def _brief(value, nested: bool = False) -> str:
     return repr(value)  # None, bool, float and the stand-ins: short by construction
 
 
+def _cause(error: Exception) -> str:
+    """An exception in a message, cut short: some quote the (up to 64 MiB) input they failed on."""
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 def _plain_ints(value, what: str) -> tuple[int, ...]:
     if not (
         type(value) is tuple
@@ -309,16 +315,19 @@ def _python3_name(module: str, name: str) -> tuple[str, str]:
 
 def _resolve_global(module: str, name: str):
     module, name = _python3_name(module, name)
+    qualified = f"{module}.{name}"
     if module == "torch" and name in _STORAGE_TYPES:
         return _STORAGE_TYPES[name]
-    if f"{module}.{name}" in _CALLABLES:
-        return _Callable(f"{module}.{name}")
+    if qualified in _CALLABLES:
+        return _Callable(qualified)
+    if len(qualified) > 200:  # a name is short; a long one only makes a huge message
+        qualified = qualified[:200] + "..."
     raise UnsafeCheckpointError(
-        f"refused the pickle global `{module}.{name}`: a PyTorch state dict needs only "
+        f"refused the pickle global `{qualified}`: a PyTorch state dict needs only "
         f"tensors and plain containers, and resolving other globals can run arbitrary code. "
         f"If you trust this file, load it with torch.load(path, weights_only=False) and re-save "
         f"the tensors alone with torch.save(model.state_dict(), new_path).",
-        global_name=f"{module}.{name}",
+        global_name=qualified,
     )
 
 
@@ -367,7 +376,7 @@ class _Unpickler:
                 raise _located(e, self._where(pos)) from None
             except Exception as e:  # pickletools raises ValueError & co. on garbage or truncation
                 raise CheckpointFormatError(
-                    f"{self._where(pos)}: corrupt or truncated pickle ({type(e).__name__}: {e})"
+                    f"{self._where(pos)}: corrupt or truncated pickle ({_cause(e)})"
                 ) from None
             try:
                 if count > self._limits.max_opcodes:
@@ -382,7 +391,7 @@ class _Unpickler:
                 raise _located(e, self._where(pos)) from None
             except Exception as e:  # e.g. UnicodeDecodeError, unhashable key: a malformed pickle
                 raise CheckpointFormatError(
-                    f"{self._where(pos)}: malformed pickle at {op.name} ({type(e).__name__}: {e})"
+                    f"{self._where(pos)}: malformed pickle at {op.name} ({_cause(e)})"
                 ) from None
 
     def _where(self, pos) -> str:
@@ -690,7 +699,7 @@ def _zip_errors(where, what: str):
         raise
     except Exception as e:
         raise CheckpointFormatError(
-            f"{where}: cannot read {what} ({type(e).__name__}: {e}); the file is truncated or "
+            f"{where}: cannot read {what} ({_cause(e)}); the file is truncated or "
             "corrupt: download it again"
         ) from e
 
