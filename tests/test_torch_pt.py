@@ -12,6 +12,8 @@ import json
 import pickle
 import pickletools
 import struct
+import sys
+import types
 import zipfile
 
 import ml_dtypes
@@ -455,6 +457,58 @@ def test_nested_containers(tmp_path):
     with pytest.raises(CheckpointFormatError, match="model.*ema.*key="):
         read_pt(two)
     np.testing.assert_array_equal(read_pt(two, key="ema")["a.weight"], arrays["a.weight"])
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_pythons_own_pickler(protocol, tmp_path, monkeypatch):
+    """torch.save pickles with Python's pickler (protocol 2 by default, any with pickle_protocol=):
+    memo gets of shared values, frames, MEMOIZE and STACK_GLOBAL, and BUILD for `_metadata`."""
+    torch, utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
+    for module in (torch, utils):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+
+    def _rebuild_tensor_v2(*args):
+        raise AssertionError("only pickled here")
+
+    class FloatStorage:
+        pass
+
+    for obj, module in ((_rebuild_tensor_v2, "torch._utils"), (FloatStorage, "torch")):
+        obj.__module__, obj.__qualname__ = module, obj.__name__
+    utils._rebuild_tensor_v2, torch.FloatStorage = _rebuild_tensor_v2, FloatStorage
+
+    class Tensor:  # reduces as torch.Tensor does; its storage becomes a persistent id
+        def __init__(self, storage, offset, shape, stride):
+            self.args = (storage, offset, shape, stride, False, collections.OrderedDict())
+
+        def __reduce__(self):
+            return _rebuild_tensor_v2, self.args
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, Storage):
+                return ("storage", FloatStorage, obj.key, "cpu", obj.flat.size)
+            return None
+
+    flat = np.arange(24, dtype=np.float32)
+    st = Storage("0", flat)
+    sd = collections.OrderedDict(
+        a=Tensor(st, 0, (2, 3), (3, 1)),
+        b=Tensor(st, 6, (3, 2), (1, 3)),
+        c=Tensor(st, 12, (6,), (1,)),
+    )
+    sd._metadata = collections.OrderedDict(a={"version": 1})
+    buf = io.BytesIO()
+    Pickler(buf, protocol=protocol).dump({"state_dict": sd, "step": 3})
+    path = tmp_path / "p.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", buf.getvalue())
+        z.writestr("archive/data/0", flat.tobytes())
+    out = read_pt(path)
+    assert list(out) == ["a", "b", "c"]
+    np.testing.assert_array_equal(out["a"], flat[:6].reshape(2, 3))
+    np.testing.assert_array_equal(out["b"], flat[6:12].reshape(2, 3).T)
+    np.testing.assert_array_equal(out["c"], flat[12:18])
 
 
 # ------------------------------------------------------------------------- broken files
