@@ -54,9 +54,8 @@ class DiffusionModel:
         if self.use not in self.weights:
             raise ValueError(f"DiffusionModel.use={self.use!r} names no weights: it holds "
                              f"{sorted(self.weights)}")
-        if (self.spec is None) == (self.kind == "diffusion"):
-            raise ValueError(f"a {self.kind} bundle {'needs' if self.kind == 'diffusion' else 'has no'}"
-                             f" DiffusionSpec")
+        if self.kind == "diffusion" and self.spec is None:
+            raise ValueError("a diffusion bundle needs a DiffusionSpec")
         fields.check_keys("DiffusionModel.sampling", self.sampling, SAMPLING_KEYS)
         object.__setattr__(self, "image_shape", tuple(int(s) for s in self.image_shape))
 

@@ -3,7 +3,7 @@
     python -m diffjax.convert --pt 64x64_diffusion.pt --preset 64x64_diffusion --out ckpt/adm64
     python -m diffjax.convert --pt model.pt --flags "--image_size 64 --num_channels 128 ..." --out ckpt/x
 
-The `.pt` file is read by `diffjax.checkpoints.torch_pt` (no torch, no pickled code run), one
+The `.pt` file is read by `diffjax.io.torch_pt` (no torch, no pickled code run), one
 tensor at a time, straight into the Flax parameters, so peak memory stays near one copy of the
 weights. The key/shape check is strict: every missing, unexpected or mis-shaped tensor is listed
 in one error. The output directory is an orbax PyTree checkpoint of the variables whose custom
@@ -33,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from diffjax.checkpoints import torch_pt
+from diffjax.io import torch_pt
 from diffjax.compat import gd_models, gd_presets, glide_presets
 
 def build_model(config):

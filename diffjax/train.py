@@ -62,7 +62,7 @@ from diffjax import parallel
 from diffjax import paths
 from diffjax.core import schedules as S
 from diffjax.core import timestep_sampling
-from diffjax.checkpoints import manager as ckpt_lib
+from diffjax.io import checkpoints as ckpt_lib
 from diffjax.compat import gd_models
 from diffjax import tokenizer as tokenizer_lib
 

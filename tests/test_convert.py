@@ -9,7 +9,7 @@ import pytest
 
 from diffjax.compat import gd_presets as pretrained
 from diffjax import convert as C
-from diffjax.checkpoints.torch_pt import UnsafeCheckpointError
+from diffjax.io.torch_pt import UnsafeCheckpointError
 from diffjax.compat import gd_models
 from tests._util import PARITY, REPO, nchw_to_nhwc, rel_err, require
 from tests.test_torch_pt import state_dict_file

@@ -12,7 +12,7 @@ import pytest
 from diffjax import data as data_lib
 from diffjax.core import diffusion as D
 from diffjax import train as T
-from diffjax.checkpoints.manager import CheckpointManager
+from diffjax.io.checkpoints import CheckpointManager
 from diffjax.evaluate import __main__ as cli
 from diffjax.evaluate import bpd
 

@@ -75,7 +75,7 @@ def test_finetune_run_trains_and_checkpoints(converted, tmp_path):
 
     module, variables, _ = C.load_converted(converted)
     trainer, _, params = T.trainer_from_config(finetune_config(converted))
-    from diffjax.checkpoints import manager
+    from diffjax.io import checkpoints as manager
 
     abstract = jax.eval_shape(lambda: trainer.init(jax.random.PRNGKey(0), params=params))
     ckpts = manager.CheckpointManager(tmp_path / "checkpoints",

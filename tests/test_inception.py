@@ -121,7 +121,7 @@ def test_rejects_nchw_and_unknown_preprocessing():
 
 
 def test_pth_path_is_read_with_the_safe_reader(golden, tmp_path, monkeypatch):
-    from diffjax.checkpoints import torch_pt
+    from diffjax.io import torch_pt
 
     path = tmp_path / inception.WEIGHTS_FILE
     path.write_bytes(b"stand-in")

@@ -139,7 +139,7 @@ def test_classifier_guidance_gradient_matches_reference(golden):
 
 
 def test_pt_file_loads_like_npz(golden, parity_dir):
-    pytest.importorskip("diffjax.checkpoints.torch_pt")
+    pytest.importorskip("diffjax.io.torch_pt")
     g = golden("unet_cond32")
     module = build(g.config["model_class"], **g.config["model_kwargs"])
     variables = load_state_dict(module, parity_dir / "pt" / "unet_cond32.pt")

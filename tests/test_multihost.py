@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from diffjax.checkpoints.manager import CheckpointManager
+from diffjax.io.checkpoints import CheckpointManager
 from tests._util import REPO
 
 LOCAL_SH = REPO / "launch" / "local.sh"

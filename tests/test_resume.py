@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from diffjax.checkpoints.manager import CheckpointManager
+from diffjax.io.checkpoints import CheckpointManager
 from tests._util import REPO
 
 TOTAL_STEPS = 30

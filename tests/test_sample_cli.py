@@ -66,7 +66,7 @@ def test_workdir_samples_the_runs_ema_with_its_schedule(tiny_workdir, tmp_path):
     from diffjax.core import guidance as G
     from diffjax import images
     from diffjax import train as T
-    from diffjax.checkpoints.manager import CheckpointManager
+    from diffjax.io.checkpoints import CheckpointManager
 
     out = tmp_path / "w.npz"
     sample_cli.main(["--workdir", str(tiny_workdir), "--ema", "1", "--num_samples", "3",

@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from diffjax.checkpoints.torch_pt import (
+from diffjax.io.torch_pt import (
     CheckpointFormatError,
     UnsafeCheckpointError,
     open_pt,

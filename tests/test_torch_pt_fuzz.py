@@ -26,7 +26,7 @@ import zlib
 import numpy as np
 import pytest
 
-from diffjax.checkpoints.torch_pt import CheckpointError, Limits, open_pt, read_pt
+from diffjax.io.torch_pt import CheckpointError, Limits, open_pt, read_pt
 from tests._util import PARITY, REPO
 from tests.test_torch_pt import (
     Raw,

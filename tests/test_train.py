@@ -204,7 +204,7 @@ def test_run_stops_after_max_bad_steps_and_keeps_the_last_checkpoint(tmp_path):
     c.log_every = 1
     with pytest.raises(T.TrainingDiverged, match="consecutive steps"):
         T.train_and_evaluate(c, tmp_path)
-    from diffjax.checkpoints.manager import CheckpointManager
+    from diffjax.io.checkpoints import CheckpointManager
 
     manager = CheckpointManager(tmp_path / "checkpoints")
     steps = manager.all_steps()

@@ -27,7 +27,10 @@ from diffjax.core.diffusion import (  # noqa: F401  (GD's free functions, same n
     normal_kl,
 )
 from diffjax.core.schedules import get_named_beta_schedule, space_timesteps  # noqa: F401
-from diffjax.checkpoints.torch_pt import UnsafeCheckpointError, read_pt  # noqa: F401
+from diffjax.core.spec import DiffusionSpec
+from diffjax.core.timegrid import TimeGrid
+from diffjax.compat.native import spec_from_flags
+from diffjax.io.torch_pt import UnsafeCheckpointError, read_pt  # noqa: F401
 from diffjax.compat.gd_models import (  # noqa: F401  (the models half of the façade)
     build,
     classifier_defaults,
@@ -92,6 +95,15 @@ class GaussianDiffusion:
             rescale_timesteps=rescale_timesteps,
         )
         self.schedule = S.Schedule.from_betas(new_betas, timestep_map, len(betas))
+
+    @classmethod
+    def from_spec(cls, spec: DiffusionSpec, grid=None) -> "GaussianDiffusion":
+        """The (respaced to `grid`) diffusion of a native DiffusionSpec."""
+        cfg = spec.config
+        betas = spec.training_betas()
+        return cls(betas=betas, use_timesteps=TimeGrid.parse(grid).timesteps(len(betas)),
+                   model_mean_type=cfg.mean_type, model_var_type=cfg.var_type,
+                   loss_type=cfg.loss_type, rescale_timesteps=cfg.rescale_timesteps)
 
     # -- helpers -------------------------------------------------------------------------------
     def _model(self, model_fn, model_kwargs):
@@ -273,23 +285,11 @@ def create_gaussian_diffusion(
     timestep_respacing="",
 ) -> GaussianDiffusion:
     """GD's script_util.create_gaussian_diffusion: same arguments, same defaults, same choices
-    (learn_sigma -> learned-range variance, taking precedence over sigma_small as in GD)."""
-    betas = get_named_beta_schedule(noise_schedule, steps)
-    if use_kl:
-        loss_type = "rescaled_kl"
-    elif rescale_learned_sigmas:
-        loss_type = "rescaled_mse"
-    else:
-        loss_type = "mse"
-    if learn_sigma:
-        var_type = "learned_range"
-    else:
-        var_type = "fixed_small" if sigma_small else "fixed_large"
-    return GaussianDiffusion(
-        betas=betas,
-        use_timesteps=space_timesteps(steps, timestep_respacing or [steps]),
-        model_mean_type="start_x" if predict_xstart else "epsilon",
-        model_var_type=var_type,
-        loss_type=loss_type,
-        rescale_timesteps=rescale_timesteps,
-    )
+    (learn_sigma -> learned-range variance, taking precedence over sigma_small as in GD); the
+    flags become a DiffusionSpec in `diffjax.compat.native.spec_from_flags`."""
+    spec, grid = spec_from_flags(dict(
+        steps=steps, learn_sigma=learn_sigma, sigma_small=sigma_small,
+        noise_schedule=noise_schedule, use_kl=use_kl, predict_xstart=predict_xstart,
+        rescale_timesteps=rescale_timesteps, rescale_learned_sigmas=rescale_learned_sigmas,
+        timestep_respacing=timestep_respacing))
+    return GaussianDiffusion.from_spec(spec, grid)

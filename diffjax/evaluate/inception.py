@@ -485,7 +485,7 @@ def load_fid_inception(
             with np.load(path) as f:
                 state_dict = {k: f[k] for k in f.files}
         else:
-            from diffjax.checkpoints.torch_pt import read_pt  # lazy: only needed for .pth files
+            from diffjax.io.torch_pt import read_pt  # lazy: only needed for .pth files
 
             state_dict = read_pt(path)
     module = FIDInceptionV3(preprocess=preprocess, precision=precision)
