@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.evaluate import inception, metrics
+from diffjax.pipelines.evaluation import inception, metrics
 
 
 def main(argv=None):

@@ -15,8 +15,10 @@ def get_config():
     c.model = dict(model_channels=128, num_res_blocks=3, channel_mult=(1, 2, 2, 2),
                    attention_resolutions=(16, 8), num_heads=4, use_scale_shift_norm=True,
                    dropout=0.3)
-    c.diffusion = dict(learn_sigma=True, diffusion_steps=4000, noise_schedule="cosine")
-    c.train = dict(task="diffusion", conditioning="none", batch_size=128, total_steps=500_000,
+    c.diffusion = dict(beta_schedule="cosine", num_steps=4000, variance="learned_range",
+                       loss="hybrid")
+    c.conditioning = {}
+    c.train = dict(task="diffusion", batch_size=128, total_steps=500_000,
                    ema_rates=(0.9999,), ema_warmup=False, schedule_sampler="uniform", seed=0)
     c.optim = dict(lr=1e-4, weight_decay=0.0, grad_clip=0.0)
     c.checkpoint = dict(every=10_000, keep=3, keep_every=100_000)

@@ -14,8 +14,9 @@ def get_config():
     c.model = dict(model_channels=128, num_res_blocks=4, channel_mult=(1, 2, 3, 4),
                    attention_resolutions=(32, 16, 8), num_head_channels=64,
                    use_scale_shift_norm=True, resblock_updown=True, pool="attention")
-    c.diffusion = dict(learn_sigma=True, diffusion_steps=1000, noise_schedule="cosine")
-    c.train = dict(task="classifier", num_classes=1000, batch_size=256, total_steps=300_000,
+    c.diffusion = dict(beta_schedule="cosine", num_steps=1000, variance="learned_range")
+    c.conditioning = {"class": dict(num_classes=1000)}  # the labels it predicts
+    c.train = dict(task="classifier", batch_size=256, total_steps=300_000,
                    ema_rates=(), compute_dtype="auto", schedule_sampler="uniform", seed=0)
     c.optim = dict(lr=3e-4, weight_decay=0.05, schedule="linear", end_factor=0.0, grad_clip=0.0)
     c.checkpoint = dict(every=10_000, keep=3)

@@ -12,8 +12,9 @@ def get_config():
     c.model = dict(model_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2),
                    attention_resolutions=(8,), num_head_channels=32,
                    use_scale_shift_norm=True, resblock_updown=True, pool="attention")
-    c.diffusion = dict(learn_sigma=True, diffusion_steps=1000, noise_schedule="cosine")
-    c.train = dict(task="classifier", num_classes=10, batch_size=64, total_steps=1000,
+    c.diffusion = dict(beta_schedule="cosine", num_steps=1000, variance="learned_range")
+    c.conditioning = {"class": dict(num_classes=10)}  # the labels it predicts
+    c.train = dict(task="classifier", batch_size=64, total_steps=1000,
                    ema_rates=(), schedule_sampler="uniform", seed=0)
     c.optim = dict(lr=1e-3, weight_decay=0.05, schedule="linear", end_factor=0.0, warmup_steps=20)
     c.checkpoint = dict(every=500, keep=2)

@@ -1,7 +1,7 @@
 """The bundled default: a class-conditional, classifier-free-guided ADM UNet on real Fashion-MNIST
 (28x28 padded to 32x32 with -1), trained in under 10 minutes on a 2-core CPU, then sampled.
 
-    python -m diffjax.train --config configs/default.py --workdir runs/default
+    python -m diffjax train --config configs/default.py --workdir runs/default
 
 Against the original code's recipe (../shared/design/TARGETS.md: 32 ch UNet with attention at 8x8
 and BigGAN up/down resblocks, lr 2e-4, batch 32, EMA 0.999 without warm-up, 1300 steps, DDIM-50):
@@ -25,13 +25,14 @@ def get_config():
     c = ml_collections.ConfigDict()
     c.data = dict(source="fashion_mnist", path="", image_size=32, channels=1, resize="pad",
                   random_flip=True, seed=0)
-    # guided-diffusion UNet flags; attention_resolutions are resolutions (8 = the 8x8 level).
+    # The UNet's own fields; attention_resolutions are resolutions (8 = the 8x8 level).
     c.model = dict(model_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2),
                    attention_resolutions=(), num_heads=4, use_scale_shift_norm=True,
                    resblock_updown=False, dropout=0.0)
-    c.diffusion = dict(learn_sigma=True, diffusion_steps=1000, noise_schedule="cosine")
-    c.train = dict(task="diffusion", conditioning="classifier_free", label_dropout=0.1,
-                   num_classes=10, batch_size=16, total_steps=900, steps_per_dispatch=1,
+    c.diffusion = dict(beta_schedule="cosine", num_steps=1000, prediction="eps",
+                       variance="learned_range", loss="hybrid")
+    c.conditioning = {"class": dict(num_classes=10, dropout=0.1)}
+    c.train = dict(task="diffusion", batch_size=16, total_steps=900, steps_per_dispatch=1,
                    ema_rates=(0.9999,), ema_warmup=True, compute_dtype="auto", seed=0)
     c.optim = dict(lr=1e-3, warmup_steps=50, schedule="cosine", end_factor=0.05,
                    weight_decay=0.0, grad_clip=1.0)
@@ -39,5 +40,5 @@ def get_config():
     c.eval = dict(per_class=8, sampler="ddpm", respacing="40", guidance_scale=2.0,
                   bpd_images=200, bpd_t_per_image=4)
     c.log_every = 25
-    c.init_from = ""  # a `python -m diffjax.convert` directory to fine-tune from
+    c.init_from = ""  # a model to fine-tune from (anything diffjax.load reads)
     return c

@@ -4,9 +4,9 @@ distance and whose predictions give the accuracy of class-conditional samples (t
 stand-in for FID; see diffjax/evaluate/classifier.py). Not a guidance classifier: that one is
 noise-conditioned (configs/classifier_fashion_mnist.py).
 
-    python -m diffjax.evaluate.classifier --config configs/feature_classifier_fashion_mnist.py \
+    python -m diffjax feature-classifier --config configs/feature_classifier_fashion_mnist.py \
         --workdir runs/fmnist_classifier
-    python -m diffjax.evaluate --classifier runs/fmnist_classifier --samples samples.npz
+    python -m diffjax evaluate --classifier runs/fmnist_classifier --samples samples.npz
 
 1.6 epochs (1500 steps of 64 images with flips, AdamW, cosine decay): ~0.2 s a step on a
 busy 2-core CPU.

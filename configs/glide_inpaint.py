@@ -1,10 +1,10 @@
 """GLIDE inpainting fine-tuning (Nichol et al. 2021, sec. 4.3): the text2im base model gets four
 more input channels (the masked image and the mask) whose weights start at ZERO, so training
 starts from exactly the base model; random regions of the training images are erased
-(diffjax.text2im.random_inpaint_masks) and the model sees the rest through those channels.
+(diffjax.conditioning.random_inpaint_masks) and the model sees the rest through those channels.
 
-    python -m diffjax.convert --preset base --pt base.pt --out ckpt/glide_base
-    python -m diffjax.train --config configs/glide_inpaint.py --workdir runs/glide_inpaint \
+    python -m diffjax convert --preset base --pt base.pt --out ckpt/glide_base
+    python -m diffjax train --config configs/glide_inpaint.py --workdir runs/glide_inpaint \
         --config.init_from=ckpt/glide_base --config.data.path=DIR \
         --config.data.tokenizer=/path/to/glide_text2im/tokenizer
 
@@ -24,6 +24,7 @@ def _base():
 
 def get_config(size: str = "filtered"):
     c = _base().get_config(size)
-    c.train.update(inpaint=True, total_steps=100_000, batch_size=256)
+    c.conditioning = {"text": dict(dropout=0.2), "inpaint": {}}
+    c.train.update(total_steps=100_000, batch_size=256)
     c.optim.update(lr=3e-5, warmup_steps=500)
     return c

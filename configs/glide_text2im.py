@@ -1,6 +1,6 @@
 """GLIDE's 64x64 text-conditional base model (Nichol et al. 2021, sec. 4.1) on image-caption pairs.
 
-    python -m diffjax.train --config configs/glide_text2im.py --workdir runs/glide \
+    python -m diffjax train --config configs/glide_text2im.py --workdir runs/glide \
         --config.data.source=tfds:<captioned dataset> --config.data.captions=caption \
         --config.data.tokenizer=/path/to/glide_text2im/tokenizer
 
@@ -19,9 +19,9 @@ import ml_collections
 
 SIZES = {
     # the paper's base model
-    "paper": dict(num_channels=512, xf_width=2048, xf_layers=24, xf_heads=32),
+    "paper": dict(model_channels=512, xf_width=2048, xf_layers=24, xf_heads=32),
     # glide-text2im's released base (model_and_diffusion_defaults)
-    "filtered": dict(num_channels=192, xf_width=512, xf_layers=16, xf_heads=8),
+    "filtered": dict(model_channels=192, xf_width=512, xf_layers=16, xf_heads=8),
 }
 
 
@@ -34,12 +34,15 @@ def get_config(size: str = "filtered"):
                   # "bytes" trains with no vocabulary file; GLIDE's GPT-2 BPE (50257 tokens, needed
                   # to fine-tune the released models): the glide_text2im/tokenizer folder.
                   tokenizer="bytes")
-    c.model = dict(num_res_blocks=3, channel_mult="", num_heads=1, num_head_channels=64,
-                   num_heads_upsample=-1, attention_resolutions="32,16,8", dropout=0.1,
+    c.model = dict(num_res_blocks=3, channel_mult=(1, 2, 3, 4), num_heads=1, num_head_channels=64,
+                   num_heads_upsample=-1, attention_resolutions=(32, 16, 8), dropout=0.1,
                    xf_final_ln=True, xf_padding=True, use_scale_shift_norm=True,
                    resblock_updown=True, **SIZES[size])
-    c.diffusion = dict(diffusion_steps=1000, noise_schedule="squaredcos_cap_v2")
-    c.train = dict(task="diffusion", conditioning="text", caption_dropout=0.2, batch_size=2048,
+    # glide-text2im's squaredcos_cap_v2 is the cosine schedule; GLIDE learns the variance range.
+    c.diffusion = dict(beta_schedule="cosine", num_steps=1000, variance="learned_range",
+                       loss="hybrid")
+    c.conditioning = {"text": dict(dropout=0.2)}
+    c.train = dict(task="diffusion", batch_size=2048,
                    microbatch=0, total_steps=2_500_000, ema_rates=(0.9999,), ema_warmup=False,
                    compute_dtype="auto", seed=0)
     c.optim = dict(lr=1e-4, weight_decay=0.0, grad_clip=1.0, warmup_steps=1000)

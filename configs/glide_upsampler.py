@@ -4,7 +4,7 @@ channel_mult 1,1,2,2,4,4) with the text transformer, on 256x256 crops whose area
 (glide-text2im's model_and_diffusion_defaults_upsampler()). At sampling the upsampler takes the
 base model's samples with GLIDE's fast27 respacing and initial noise x 0.997.
 
-    python -m diffjax.train --config configs/glide_upsampler.py --workdir runs/glide_up \
+    python -m diffjax train --config configs/glide_upsampler.py --workdir runs/glide_up \
         --config.data.path=DIR --config.data.tokenizer=/path/to/glide_text2im/tokenizer
 
 `--config.train.inpaint=True` trains the inpainting upsampler (upsample-inpaint).
@@ -20,8 +20,10 @@ def get_config(size: str = "filtered"):
     spec.loader.exec_module(module)
     c = module.get_config(size)
     c.data.update(image_size=256)
-    c.model.update(num_res_blocks=2)
-    c.diffusion.update(noise_schedule="linear")
-    c.train.update(small_size=64, caption_dropout=0.0, batch_size=512, total_steps=1_600_000)
+    c.model.update(num_res_blocks=2, channel_mult=(1, 1, 2, 2, 4, 4))
+    c.diffusion.update(beta_schedule="linear")
+    # The upsampler is not guided: no caption dropout; its low-res input is the 8-bit base sample.
+    c.conditioning = {"text": dict(dropout=0.0), "low_res": dict(size=64, quantize=True)}
+    c.train.update(batch_size=512, total_steps=1_600_000)
     c.eval = dict(per_class=0)
     return c

@@ -16,8 +16,10 @@ def get_config():
                    attention_resolutions=(32, 16, 8), num_head_channels=64,
                    use_new_attention_order=True, use_scale_shift_norm=True, resblock_updown=True,
                    dropout=0.1)
-    c.diffusion = dict(learn_sigma=True, diffusion_steps=1000, noise_schedule="cosine")
-    c.train = dict(task="diffusion", conditioning="class", num_classes=1000, batch_size=2048,
+    c.diffusion = dict(beta_schedule="cosine", num_steps=1000, variance="learned_range",
+                       loss="hybrid")
+    c.conditioning = {"class": dict(num_classes=1000)}
+    c.train = dict(task="diffusion", batch_size=2048,
                    total_steps=540_000, ema_rates=(0.9999,), ema_warmup=False,
                    compute_dtype="auto", fsdp=1, schedule_sampler="uniform", seed=0)
     c.optim = dict(lr=3e-4, weight_decay=0.0, grad_clip=0.0)

@@ -14,8 +14,10 @@ def get_config():
     c.model = dict(model_channels=256, num_res_blocks=2, channel_mult=(1, 1, 2, 2, 4, 4),
                    attention_resolutions=(32, 16, 8), num_head_channels=64,
                    use_scale_shift_norm=True, resblock_updown=True, dropout=0.1)
-    c.diffusion = dict(learn_sigma=True, diffusion_steps=1000, noise_schedule="linear")
-    c.train = dict(task="diffusion", conditioning="none", batch_size=256, total_steps=500_000,
+    c.diffusion = dict(beta_schedule="linear", num_steps=1000, variance="learned_range",
+                       loss="hybrid")
+    c.conditioning = {}
+    c.train = dict(task="diffusion", batch_size=256, total_steps=500_000,
                    ema_rates=(0.9999,), ema_warmup=False, compute_dtype="auto", remat=False,
                    schedule_sampler="uniform", seed=0)
     c.optim = dict(lr=1e-4, weight_decay=0.0, grad_clip=0.0)

@@ -14,9 +14,10 @@ def get_config():
     c.model = dict(model_channels=192, num_res_blocks=2, channel_mult=(1, 1, 2, 2, 4, 4),
                    attention_resolutions=(32, 16, 8), num_heads=4, use_scale_shift_norm=True,
                    resblock_updown=True)
-    c.diffusion = dict(learn_sigma=True, diffusion_steps=1000, noise_schedule="linear")
-    c.train = dict(task="diffusion", conditioning="class", num_classes=1000, small_size=64,
-                   batch_size=256, total_steps=500_000, ema_rates=(0.9999,), ema_warmup=False,
+    c.diffusion = dict(beta_schedule="linear", num_steps=1000, variance="learned_range",
+                       loss="hybrid")
+    c.conditioning = {"class": dict(num_classes=1000), "low_res": dict(size=64)}
+    c.train = dict(task="diffusion", batch_size=256, total_steps=500_000, ema_rates=(0.9999,), ema_warmup=False,
                    compute_dtype="auto", schedule_sampler="uniform", seed=0)
     c.optim = dict(lr=1e-4, weight_decay=0.0, grad_clip=0.0)
     c.checkpoint = dict(every=5_000, keep=3, keep_every=50_000)

@@ -1,19 +1,26 @@
 """diffjax: OpenAI's diffusion models (DDPM, improved DDPM, ADM, GLIDE) in JAX + Flax.
 
-The core is functional: a `Schedule` is a frozen pytree of arrays (`diffjax.core.schedules`), the
-diffusion maths are pure functions over it (`diffjax.core.diffusion`), and timestep samplers keep their
-state explicitly (`diffjax.core.timestep_sampling`). `diffjax.compat.guided_diffusion` speaks
-openai/guided-diffusion's vocabulary on top of that core.
+    import diffjax, jax
+    model = diffjax.load("adm-imagenet64-cond")          # or a saved model, a run, a .pt + preset
+    images = diffjax.sample(model, jax.random.PRNGKey(0), 4, labels=207, guidance_scale=None)
+    diffjax.show(images)                                 # a grid, in a notebook
+
+The functional core (`diffjax.core`: DiffusionSpec, schedules, time grids, the diffusion maths,
+samplers, guidance) is pure functions over explicit arrays and keys; models are Flax Linen
+modules (`diffjax.models`); a `DiffusionModel` bundles a network, its weights, its spec and its
+conditioning, and is what is saved, loaded, trained, converted and sampled.
+`diffjax.compat.guided_diffusion` speaks openai/guided-diffusion's vocabulary on top of that core.
 """
+from diffjax.bundle import DiffusionModel
+from diffjax.conditioning import Conditioning
+from diffjax.core.spec import DiffusionSpec
+from diffjax.core.timegrid import TimeGrid
+from diffjax.images import show
+from diffjax.io.loading import load
+from diffjax.io.store import save
+from diffjax.pipelines.sampling import sample
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-
-def __getattr__(name):
-    # `diffjax.sample` is a callable module (the notebook function and the CLI); imported lazily so
-    # that `python -m diffjax.sample` does not find it imported already.
-    if name == "sample":
-        import importlib
-
-        return importlib.import_module("diffjax.sample")
-    raise AttributeError(f"module 'diffjax' has no attribute {name!r}")
+__all__ = ["DiffusionModel", "Conditioning", "DiffusionSpec", "TimeGrid", "load", "save", "sample",
+           "show", "__version__"]

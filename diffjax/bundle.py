@@ -89,7 +89,7 @@ class DiffusionModel:
             name = emas[0]
         elif isinstance(which, int) and not isinstance(which, bool):
             if not 0 <= which < len(emas):
-                raise ValueError(f"EMA index {which}: this model keeps {len(emas)} EMA(s) "
+                raise ValueError(f"ema_index={which}: this model keeps {len(emas)} EMA(s) "
                                  f"({emas}); choose 0..{len(emas) - 1}, or -1 for the raw "
                                  f"parameters")
             name = emas[which]
@@ -123,7 +123,7 @@ class DiffusionModel:
                 "spec": None if self.spec is None else self.spec.to_dict(),
                 "conditioning": self.conditioning.to_list(),
                 "image_shape": list(self.image_shape), "use": self.use,
-                "weights": sorted(self.weights), "arrays": sorted(self.arrays),
+                "weights": list(self.weights), "arrays": list(self.arrays),
                 "sampling": dict(self.sampling), "provenance": dict(self.provenance),
                 "extra": dict(self.extra)}
 

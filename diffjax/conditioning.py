@@ -19,7 +19,7 @@ unconditional model. This module is the only place that knows the kinds: everyth
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from typing import ClassVar, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +110,7 @@ class Kind:
     inputs: ClassVar[frozenset] = frozenset()     # denoiser inputs it fills
     batch_keys: ClassVar[tuple] = ()              # what a training batch must hold
     request_keys: ClassVar[tuple] = ()            # what a sampling request may give
+    self_contained: ClassVar[bool] = True         # samples without an input (a grid can be drawn)
 
     def network_fields(self) -> dict:
         """Network settings this kind implies (e.g. the label embedding's rows)."""
@@ -142,6 +143,11 @@ class Kind:
         """The network's keyword arguments for sampling `batch` images from a request
         (`request_keys`); `model` is (module, variables)."""
         return {}
+
+    def grid(self, per_class: int, prompts: tuple) -> tuple | None:
+        """(row labels, sampling request) of a preview grid with `per_class` samples per row,
+        or None when this kind does not decide the rows."""
+        return None
 
     def describe(self) -> str:
         return self.name
@@ -225,14 +231,19 @@ class ClassLabel(Kind):
     def sampling_kwargs(self, request, batch, key, model) -> dict:
         return {"y": self.labels(request, batch, key)}
 
+    def grid(self, per_class, prompts):
+        labels = np.repeat(np.arange(self.num_classes, dtype=np.int32), per_class)
+        return list(range(self.num_classes)), {"labels": labels}
+
     def describe(self) -> str:
         null = f", null label {self.null_label}" if self.droppable else ""
         return f"class ({self.num_classes} classes{null})"
 
     @classmethod
     def add_arguments(cls, parser) -> None:
-        parser.add_argument("--labels", help="class labels: one for every sample, or a comma "
-                            "list of one per sample (default: random)")
+        parser.add_argument("--labels", "--class_label", dest="labels",
+                            help="class labels: one for every sample, or a comma list of one per "
+                            "sample (default: random)")
 
     @classmethod
     def request_from_args(cls, args) -> dict:
@@ -310,8 +321,8 @@ class Text(Kind):
     def sampling_kwargs(self, request, batch, key, model) -> dict:
         prompts = request.get("prompts")
         if prompts is None:
-            raise ValueError("this model draws captions: pass prompts=['...'] (command line: "
-                             "--prompt '...')")
+            raise ValueError("this model draws captions: pass --prompt '...' (in Python: "
+                             "prompts=['...'])")
         tokenizer = self.load_tokenizer(request.get("tokenizer"))
         tokenizer_lib.check_vocabulary(tokenizer, getattr(model[0], "n_vocab", None),
                                        type(model[0]).__name__)
@@ -320,15 +331,20 @@ class Text(Kind):
         # The caption's transformer runs once per request, not once per step.
         return {"text_emb": self._embedding(model, tokens, mask)}
 
+    def grid(self, per_class, prompts):
+        prompts = list(prompts) or [""]
+        return prompts, {"prompts": [p for p in prompts for _ in range(per_class)]}
+
     def describe(self) -> str:
         return f"text ({self.text_ctx} tokens)"
 
     @classmethod
     def add_arguments(cls, parser) -> None:
         parser.add_argument("--prompt", help="the caption to draw ('' = unconditional)")
-        parser.add_argument("--tokenizer", help="GLIDE's tokenizer folder (glide_text2im/"
-                            "tokenizer/ with encoder.json.gz and vocab.bpe.gz) or 'bytes' "
-                            "(default: the model's, else the installed glide-text2im's)")
+        parser.add_argument("--tokenizer", "--bpe", dest="tokenizer",
+                            help="GLIDE's tokenizer folder (glide_text2im/tokenizer/ with "
+                            "encoder.json.gz and vocab.bpe.gz) or 'bytes' (default: the model's, "
+                            "else the installed glide-text2im's)")
 
     @classmethod
     def request_from_args(cls, args) -> dict:
@@ -358,6 +374,7 @@ class LowRes(Kind):
 
     name: ClassVar[str] = "low_res"
     inputs: ClassVar[frozenset] = frozenset({"low_res"})
+    self_contained: ClassVar[bool] = False
     batch_keys: ClassVar[tuple] = ("image",)
     request_keys: ClassVar[tuple] = ("low_res",)
 
@@ -491,7 +508,10 @@ class Conditioning:
 
     def model_kwargs(self, batch: Mapping, key=None) -> dict:
         """The network's keyword arguments for a batch; with a key, each kind's dropout."""
-        keys = [None] * len(self.kinds) if key is None else jax.random.split(key, max(len(self.kinds), 1))
+        if key is None:
+            keys = [None] * len(self.kinds)
+        else:  # one kind uses the key itself
+            keys = [key] if len(self.kinds) == 1 else jax.random.split(key, len(self.kinds))
         out = {}
         for kind, k in zip(self.kinds, keys):
             out.update(kind.model_kwargs(batch, k))
@@ -526,6 +546,25 @@ class Conditioning:
         for kind, k in zip(self.kinds, keys):
             out.update(kind.sampling_kwargs(request, batch, k, model))
         return out
+
+    @property
+    def self_contained(self) -> bool:
+        """Whether samples can be drawn without inputs (a super-resolution model needs images)."""
+        return all(k.self_contained for k in self.kinds)
+
+    @property
+    def batch_keys(self) -> frozenset:
+        return frozenset(key for kind in self.kinds for key in kind.batch_keys)
+
+    def grid(self, per_class: int, rows: int, prompts: tuple = ()) -> tuple:
+        """(row labels or None, sampling request, number of samples) of a preview grid: a row per
+        class or prompt, per_class columns; `rows` rows of an unconditional model."""
+        for kind in self.kinds:
+            found = kind.grid(per_class, prompts)
+            if found is not None:
+                labels, request = found
+                return labels, request, len(labels) * per_class
+        return None, {}, rows * per_class
 
     def describe(self) -> str:
         return " + ".join(k.describe() for k in self.kinds) or "unconditional"

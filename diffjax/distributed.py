@@ -1,7 +1,7 @@
 """Multi-process start-up: JAX's distributed runtime on a TPU pod, a SLURM / Open MPI GPU cluster
 or N CPU processes on one machine, set up before any computation.
 
-Every process runs the same `python -m diffjax.train ...`; `initialize` joins them into one JAX
+Every process runs the same `python -m diffjax train ...`; `initialize` joins them into one JAX
 program (`jax.distributed.initialize`), after which `jax.devices()` lists every device of every
 process and one `jax.jit` computation spans them all.
 
@@ -161,24 +161,28 @@ def exit_on_error(fn: Callable[..., Any], *args, **kwargs) -> Any:
 # --------------------------------------------------------------------------- command-line flags
 
 
-def define_flags() -> None:
-    """The absl flags of `python -m diffjax.train` for multi-process runs."""
-    from absl import flags
+def add_arguments(parser) -> None:
+    """The command-line options of multi-process runs (`python -m diffjax train`)."""
+    group = parser.add_argument_group("multi-process runs (TPU pods, GPU clusters)")
+    group.add_argument("--distributed", default="auto", choices=MODES,
+                       help="join other processes with jax.distributed: auto-detect, force, or "
+                       "never (default: auto)")
+    group.add_argument("--coordinator_address", "--coordinator-address", default=None,
+                       help="HOST:PORT of process 0 (not needed under SLURM, Open MPI, Cloud TPU)")
+    group.add_argument("--num_processes", "--num-processes", type=int, default=None,
+                       help="number of processes of the run")
+    group.add_argument("--process_id", "--process-id", type=int, default=None,
+                       help="this process's index, 0 .. num_processes - 1")
+    group.add_argument("--heartbeat_timeout", "--heartbeat-timeout", type=int,
+                       default=DEFAULT_HEARTBEAT_TIMEOUT_S,
+                       help="seconds after which a silent process is declared dead and the run "
+                       "stops with an error (default: %(default)s)")
+    group.add_argument("--initialization_timeout", "--initialization-timeout", type=int,
+                       default=300, help="seconds to wait at start-up for every process to "
+                       "connect (default: %(default)s)")
 
-    flags.DEFINE_enum("distributed", "auto", list(MODES),
-                      "join other processes with jax.distributed: auto-detect, force, or never")
-    flags.DEFINE_string("coordinator_address", None,
-                        "HOST:PORT of process 0 (not needed under SLURM, Open MPI, Cloud TPU)")
-    flags.DEFINE_integer("num_processes", None, "number of processes of the run")
-    flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1")
-    flags.DEFINE_integer("heartbeat_timeout", DEFAULT_HEARTBEAT_TIMEOUT_S,
-                         "seconds after which a silent process is declared dead and the run "
-                         "stops with an error")
-    flags.DEFINE_integer("initialization_timeout", 300,
-                         "seconds to wait at start-up for every process to connect")
 
-
-def config_from_flags(values) -> DistributedConfig:
+def config_from_args(values) -> DistributedConfig:
     return DistributedConfig(mode=values.distributed,
                              coordinator_address=values.coordinator_address,
                              num_processes=values.num_processes, process_id=values.process_id,

@@ -6,10 +6,11 @@ the 2-core CI VM a CIFAR-10 ADM training step (2.9 GB scratch) took 744k page fa
 kernel time out of 5.9 s. glibc's `glibc.malloc.hugetlb=1` tunable makes malloc ask for transparent
 huge pages on such mappings (2 MiB faults): 1.6k faults and a 5.0 s step.
 
-glibc reads its tunables only at process start, so the command-line entry points call `reexec()`
-first: if the tunable would help and is not set, the process replaces itself (same PID, arguments
-and environment) with one that has it. DIFFJAX_HUGEPAGES=0 turns this off. In a notebook, start
-Jupyter with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in its environment instead.
+glibc reads its tunables only at process start, so it is an explicit opt-in of the command line:
+`python -m diffjax COMMAND --hugepages ...` calls `reexec()` first, and if the tunable would help
+and is not set, the process replaces itself (same PID, arguments and environment) with one that
+has it. In a notebook, start Jupyter with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` in its
+environment instead.
 """
 from __future__ import annotations
 
@@ -36,17 +37,15 @@ def supported() -> bool:
 
 
 def wanted() -> bool:
-    """True when setting TUNABLE would change anything: `supported()`, not turned off by
-    DIFFJAX_HUGEPAGES=0, and no hugetlb tunable set already."""
-    return (os.environ.get("DIFFJAX_HUGEPAGES", "1") != "0"
-            and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "")
-            and supported())
+    """True when setting TUNABLE would change anything: `supported()` and no hugetlb tunable set
+    already."""
+    return "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", "") and supported()
 
 
 def reexec() -> None:
     """Replace this process by the same command with TUNABLE in GLIBC_TUNABLES, when `wanted()`.
 
-    Call only from a `__main__` block, before anything else runs: the process image is replaced."""
+    Call only from a command-line entry point, before any work: the process image is replaced."""
     if not wanted():
         return
     env = dict(os.environ)

@@ -1,4 +1,5 @@
-"""Images out: model range [-1, 1] -> uint8, PNG grids with row labels, and loss-curve plots."""
+"""Images in and out: model range [-1, 1] <-> uint8, resizing inputs, PNG grids with row labels
+(shown in a notebook by `show`), and loss-curve plots."""
 from __future__ import annotations
 
 import math
@@ -10,6 +11,48 @@ def to_uint8(x) -> np.ndarray:
     """[-1, 1] float NHWC -> uint8, as guided-diffusion's samplers write their npz:
     (x + 1) * 127.5 clamped to [0, 255] and truncated (torch's float -> uint8 cast)."""
     return np.clip((np.asarray(x, np.float32) + 1) * 127.5, 0, 255).astype(np.uint8)
+
+
+def to_model_range(images) -> np.ndarray:
+    """uint8 [0, 255] -> float32 [-1, 1] (x / 127.5 - 1, as guided-diffusion); float input is
+    taken to be in [-1, 1] already."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / 127.5 - 1.0
+    return images.astype(np.float32)
+
+
+def read_image(path, channels: int = 3) -> np.ndarray:
+    """An image file as uint8 [H, W, channels] (RGB or grayscale)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        array = np.asarray(im.convert("RGB" if channels == 3 else "L"))
+    return array if channels == 3 else array[..., None]
+
+
+def resize(images, size: int):
+    """[B, H, W, C] -> [B, size, size, C] in [-1, 1], bicubic with antialiasing (GLIDE's notebooks
+    read their input image with PIL's BICUBIC at each stage's size)."""
+    import jax
+    import jax.numpy as jnp
+
+    images = jnp.asarray(to_model_range(images))
+    b, h, w, c = images.shape
+    if (h, w) == (size, size):
+        return images
+    return jnp.clip(jax.image.resize(images, (b, size, size, c), "cubic", antialias=True), -1, 1)
+
+
+def resize_mask(mask, size: int):
+    """Nearest-neighbour resize of a [B, h, w, 1] mask to size x size (F.interpolate 'nearest':
+    source index floor(i * h / size))."""
+    mask = np.asarray(mask, np.float32)
+    if mask.ndim == 3:
+        mask = mask[..., None]
+    rows = (np.arange(size) * mask.shape[1]) // size
+    cols = (np.arange(size) * mask.shape[2]) // size
+    return mask[:, rows][:, :, cols]
 
 
 def grid(images, cols: int | None = None, scale: int = 1, row_labels=None, pad: int = 2):
@@ -37,6 +80,16 @@ def grid(images, cols: int | None = None, scale: int = 1, row_labels=None, pad: 
     for r, label in enumerate(row_labels or []):
         draw.text((4, pad + r * (h + pad) + h // 2 - 5), str(label), fill="black")
     return canvas
+
+
+def show(images, cols: int | None = None, min_size: int = 128, row_labels=None):
+    """A grid of uint8 `images` [N, H, W, C] as a PIL image, each enlarged (nearest) to at least
+    `min_size` pixels; a notebook displays it when it is a cell's last expression."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+        images = to_uint8(images)
+    scale = max(1, -(-min_size // max(images.shape[1:3])))
+    return grid(images, cols, scale=scale, row_labels=row_labels)
 
 
 def loss_curve(steps, values, path, title: str = "training loss") -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# N CPU processes of `python -m diffjax.train` on this machine, joined by jax.distributed with
+# N CPU processes of `python -m diffjax train` on this machine, joined by jax.distributed with
 # gloo collectives: a real multi-process run with no accelerator (what tests/test_multihost.py runs).
 #
 #   launch/local.sh N --config configs/default.py --workdir runs/local2 [--config.a.b=value ...]
@@ -12,7 +12,7 @@
 set -uo pipefail
 
 if [[ $# -lt 1 || ! "$1" =~ ^[1-9][0-9]*$ ]]; then
-  echo "usage: $0 N [python -m diffjax.train flags...]   (N = number of processes, >= 1)" >&2
+  echo "usage: $0 N [python -m diffjax train flags...]   (N = number of processes, >= 1)" >&2
   exit 2
 fi
 N=$1

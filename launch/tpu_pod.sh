@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train on a Cloud TPU pod slice: the same `python -m diffjax.train` on every worker VM, joined by
+# Train on a Cloud TPU pod slice: the same `python -m diffjax train` on every worker VM, joined by
 # jax.distributed (diffjax finds the workers through the TPU metadata: no address to give).
 #
 #   launch/tpu_pod.sh create                       # create the TPU VM slice
@@ -49,13 +49,13 @@ case "${1:-}" in
     if [[ -n "${DATA_DIR:-}" ]]; then extra="--config.data.path=$DATA_DIR"; fi
     # --distributed=on: every worker calls jax.distributed.initialize(), which reads the
     # coordinator, process count and index from the TPU metadata.
-    on_all "cd ~/diffjax && python -m diffjax.train --distributed=on \
+    on_all "cd ~/diffjax && python -m diffjax train --distributed=on \
             --heartbeat_timeout=${HEARTBEAT_TIMEOUT:-60} --config $CONFIG --workdir $WORKDIR \
             $extra $*"
     ;;
   stop)
     # A preemption notice to every process: they agree on one step, save it and exit (143).
-    on_all "pkill -TERM -u \$(id -u) -f 'python -m diffjax.train' || true"
+    on_all "pkill -TERM -u \$(id -u) -f 'python -m diffjax train' || true"
     ;;
   delete)
     "${gc[@]}" delete "$TPU_NAME" "${where[@]}" --quiet

@@ -13,8 +13,8 @@ from diffjax import data as data_lib
 from diffjax.core import diffusion as D
 from diffjax import train as T
 from diffjax.io.checkpoints import CheckpointManager
-from diffjax.evaluate import __main__ as cli
-from diffjax.evaluate import bpd
+from diffjax.cli import evaluate as cli
+from diffjax.pipelines.evaluation import bpd
 
 @pytest.fixture(scope="module")
 def workdir(tiny_workdir):

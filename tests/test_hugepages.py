@@ -61,9 +61,17 @@ def test_reexec_restarts_once_with_the_tunable_and_same_pid(tmp_path):
     assert after[2] == hugepages.TUNABLE and after[3] == "False"                   # exactly once
 
 
-def test_opt_out_and_existing_tunable_are_respected(monkeypatch):
-    monkeypatch.setenv("DIFFJAX_HUGEPAGES", "0")
-    assert not hugepages.wanted()
-    monkeypatch.delenv("DIFFJAX_HUGEPAGES")
+def test_existing_tunable_is_respected(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
     assert not hugepages.wanted()
+
+
+def test_the_command_line_restarts_only_when_asked(monkeypatch):
+    """Huge pages are an explicit opt-in of `python -m diffjax COMMAND --hugepages`."""
+    from diffjax import cli
+
+    calls = []
+    monkeypatch.setattr(hugepages, "reexec", lambda: calls.append(1))
+    monkeypatch.setitem(cli.COMMANDS, "check", type("C", (), {"main": staticmethod(lambda a: 0)}))
+    assert cli.main(["check"]) == 0 and calls == []
+    assert cli.main(["check", "--hugepages"]) == 0 and calls == [1]

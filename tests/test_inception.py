@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax.evaluate import inception
-from diffjax.evaluate.metrics import FeatureExtractor
+from diffjax.pipelines.evaluation import inception
+from diffjax.pipelines.evaluation.metrics import FeatureExtractor
 from tests._util import nchw_to_nhwc, rel_err
 
 TOL = 5e-5  # |port - ref| <= TOL * max|ref|, the tolerance of the golden file's README

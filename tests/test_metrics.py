@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from diffjax.evaluate import __main__ as cli
-from diffjax.evaluate import inception, metrics
+from diffjax.cli import evaluate as cli
+from diffjax.pipelines.evaluation import inception, metrics
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from diffjax.compat import gd_models
 from tests._util import REPO
 
 # Not diffjax.train configs: the presets table, and the evaluation classifier's recipe (read by
-# diffjax.evaluate.classifier; checked by test_feature_classifier_config_builds).
+# diffjax.pipelines.evaluation.classifier; checked by test_feature_classifier_config_builds).
 NOT_TRAIN = ("pretrained.py", "feature_classifier_fashion_mnist.py")
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.py") if p.name not in NOT_TRAIN)
 # training config -> the released checkpoint whose architecture it trains
@@ -71,7 +71,7 @@ def test_default_is_a_small_classifier_free_unet():
 
 
 def test_feature_classifier_config_builds():
-    from diffjax.evaluate import classifier
+    from diffjax.pipelines.evaluation import classifier
 
     train, data, module, optim = classifier._configs(load("feature_classifier_fashion_mnist.py"))
     assert data.image_size == 32 and data.channels == 1 and module.num_classes == 10

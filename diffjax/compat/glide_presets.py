@@ -11,7 +11,7 @@ as its notebooks build them, split into
   create_gaussian_diffusion; learned-range variance, epsilon prediction, no timestep rescaling);
 * `sampling`: what the notebooks sample with (respacing, guidance scale, upsample temperature).
 
-`get_config(name)` returns an ml_collections ConfigDict; `python -m diffjax.convert --preset base
+`get_config(name)` returns an ml_collections ConfigDict; `python -m diffjax convert --preset base
 --pt base.pt --out ckpt/glide_base` converts a checkpoint with it.
 """
 from __future__ import annotations

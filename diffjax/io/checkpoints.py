@@ -116,13 +116,24 @@ def _leaf_checksum(x):
 _checksums = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
 
 
+def _path_name(path) -> str:
+    """'a/b/0' for a key path, whether the tree holds dataclasses, dicts or sequences (a
+    TrainState and the plain dicts it restores to give the same names)."""
+    parts = []
+    for key in path:
+        for attr in ("name", "key", "idx"):
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+    return "/".join(parts)
+
+
 def checksums(tree) -> dict[str, int]:
     """A checksum of every array of `tree`, keyed by its path (computed where the arrays live:
     sharded arrays need no gathering)."""
     sums = _checksums(tree)
-    return {jax.tree_util.keystr(path): int(np.asarray(value.addressable_data(0)
-                                                        if hasattr(value, "addressable_data")
-                                                        else value))
+    return {_path_name(path): int(np.asarray(value.addressable_data(0)
+                                             if hasattr(value, "addressable_data") else value))
             for path, value in jax.tree_util.tree_leaves_with_path(sums)}
 
 

@@ -8,7 +8,6 @@ diffusion and conditioning the weights belong to (`diffjax.compat.native.bundle_
 """
 from __future__ import annotations
 
-import os
 import pathlib
 from collections.abc import Iterator, Mapping
 
@@ -36,7 +35,7 @@ def preset_config(preset=None, *, flags: str | None = None, kind: str = "diffusi
     return gd_presets.get_config(preset)
 
 
-def build_module(config):
+def build_model(config):
     """The Flax module a preset-shaped config describes (its factory with its model flags)."""
     if config.get("family") == glide_presets.FAMILY:
         return glide_presets.build_model(config)
@@ -62,11 +61,12 @@ class _Progress(Mapping):
         return len(self._sd)
 
 
-def convert(pt_path, preset, *, key=None, progress: bool = True) -> DiffusionModel:
-    """The bundle of `pt_path` (a .pt file) under `preset` (a name or a preset-shaped config).
-    `key` picks a nested state dict (e.g. "ema"; see `torch_pt.find_state_dict`)."""
+def convert_model(pt_path, preset, *, key=None, progress: bool = True) -> DiffusionModel:
+    """The bundle of `pt_path` (a .pt file) under `preset` (a name or a preset-shaped config; it
+    travels in the bundle's provenance). `key` picks a nested state dict (e.g. "ema"; see
+    `torch_pt.find_state_dict`)."""
     config = preset_config(preset)
-    module = build_module(config)
+    module = build_model(config)
     pt_path = pathlib.Path(pt_path)
     with torch_pt.open_pt(pt_path, key=key) as state_dict:
         total = sum(ref.nbytes for ref in state_dict.refs.values())
@@ -74,8 +74,9 @@ def convert(pt_path, preset, *, key=None, progress: bool = True) -> DiffusionMod
                   disable=not progress) as bar:
             variables = load_state_dict(module, _Progress(state_dict, bar))
     parts = bundle_parts(config, module)
-    parts["provenance"] = {**parts["provenance"], "file": pt_path.name,
-                           "bytes": pt_path.stat().st_size, "key": key}
+    source = {"file": pt_path.name, "bytes": pt_path.stat().st_size, "key": key}
+    parts["provenance"] = {**parts["provenance"], **source,
+                           "preset": {**config.to_dict(), "source": source}}
     return DiffusionModel(weights={"params": variables["params"]}, **parts)
 
 
@@ -91,21 +92,19 @@ def check_output(out, inputs) -> pathlib.Path:
     return out
 
 
-def convert_to(pt_path, preset, out, *, key=None, overwrite: bool = False,
-               progress: bool = True) -> pathlib.Path:
+def convert(pt_path, preset, out, *, key=None, overwrite: bool = False,
+            progress: bool = True) -> pathlib.Path:
     """Convert and save to `out` (atomically: an existing `out` is replaced only with
-    overwrite=True, and only once the new bundle is complete)."""
+    overwrite=True, and only once the new bundle is complete); returns its path."""
     out = check_output(out, [pt_path])
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists: choose another --out or pass --overwrite "
                               f"(the old checkpoint is replaced only once the new one is "
                               f"complete)")
-    if out.exists() and not store.is_bundle(out):
+    if out.exists() and store.bundle_metadata(out) is None:
         raise FileExistsError(f"{out} exists and is not a diffjax model: --overwrite replaces only "
                               f"a model written by diffjax; choose an empty or new --out")
-    model = convert(pt_path, preset, key=key, progress=progress)
+    model = convert_model(pt_path, preset, key=key, progress=progress)
     return store.save(model, out, overwrite=True)
 
 
-def default_out(pt_path) -> pathlib.Path:
-    return pathlib.Path(os.fspath(pt_path)).with_suffix("")

@@ -1,9 +1,9 @@
 """The compatibility reader: directories diffjax wrote before the model bundle, as bundles.
 
 Three formats, each read once into a `DiffusionModel` (nothing is written back):
-* a converted checkpoint (`python -m diffjax.convert` until the bundle): an orbax PyTree of
+* a converted checkpoint (`python -m diffjax convert` until the bundle): an orbax PyTree of
   {"params": ...} whose custom metadata "config" is the guided-diffusion / GLIDE preset;
-* a training workdir (`python -m diffjax.train` until the bundle): config.json (guided-diffusion
+* a training workdir (`python -m diffjax train` until the bundle): config.json (guided-diffusion
   diffusion flags, train.conditioning / num_classes / label_dropout / small_size /
   caption_dropout / inpaint) and checkpoints/<step>/state (the TrainState: params, ema, ...);
 * a feature-classifier workdir: config.json, classifier.msgpack (flax serialization),
@@ -29,7 +29,7 @@ from diffjax.compat.native import bundle_parts, spec_from_flags
 from diffjax.conditioning import ClassLabel, Conditioning, Inpaint, LowRes, Text
 from diffjax.io import store
 from diffjax.io.checkpoints import CheckpointConfig, CheckpointManager
-from diffjax.io.convert import build_module
+from diffjax.io.convert import build_model
 from diffjax.models.feature_classifier import FeatureClassifier
 from diffjax.models.registry import network_config
 
@@ -40,8 +40,13 @@ def is_converted(path) -> bool:
 
 
 def is_workdir(path) -> bool:
+    """An old training workdir: config.json and checkpoints whose newest step has no "model"
+    item (this version's runs store the model's description in every checkpoint)."""
     path = pathlib.Path(path)
-    return (path / "config.json").is_file() and (path / "checkpoints").is_dir()
+    if not ((path / "config.json").is_file() and (path / "checkpoints").is_dir()):
+        return False
+    steps = [int(p.name) for p in (path / "checkpoints").iterdir() if p.name.isdigit()]
+    return bool(steps) and not (path / "checkpoints" / str(max(steps)) / "model").exists()
 
 
 def is_feature_classifier(path) -> bool:
@@ -52,10 +57,11 @@ def is_feature_classifier(path) -> bool:
 def read_converted(path) -> DiffusionModel:
     path = pathlib.Path(path).absolute()
     config = ml_collections.ConfigDict(store.bundle_metadata(path)["config"])
-    module = build_module(config)
+    module = build_model(config)
     parts = bundle_parts(config, module)
     source = dict(config.get("source", {}))
-    parts["provenance"] = {**parts["provenance"], **source, "legacy": str(path)}
+    parts["provenance"] = {**parts["provenance"], **source, "legacy": str(path),
+                           "preset": config.to_dict()}
     variables = store.restore_tree(path)
     return DiffusionModel(weights={"params": variables["params"]}, **parts)
 
@@ -168,7 +174,7 @@ def read(path) -> DiffusionModel | None:
     """The bundle of an old-format directory, or None when `path` is none of them."""
     if is_converted(path):
         return read_converted(path)
-    if is_workdir(path) and not (pathlib.Path(path) / "model.json").is_file():
+    if is_workdir(path):
         return read_workdir(path)
     if is_feature_classifier(path):
         return read_feature_classifier(path)

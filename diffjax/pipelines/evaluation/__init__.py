@@ -6,11 +6,11 @@ bits/dim.
 `classifier`: a small clean classifier whose features give a Fréchet distance and whose
 predictions give the accuracy of class-conditional samples (Fashion-MNIST default).
 `bpd`: bits/dim of a training workdir or converted checkpoint (exact loop or Monte-Carlo).
-`python -m diffjax.evaluate --ref REF.npz --samples SAMPLES.npz --inception WEIGHTS` prints GD's
+`python -m diffjax evaluate --ref REF.npz --samples SAMPLES.npz --inception WEIGHTS` prints GD's
 table; `--classifier DIR --samples SAMPLES.npz` and `--bpd --checkpoint DIR` the others.
 """
-from diffjax.evaluate.inception import FIDInceptionV3, load_fid_inception
-from diffjax.evaluate.metrics import (
+from diffjax.pipelines.evaluation.inception import FIDInceptionV3, load_fid_inception
+from diffjax.pipelines.evaluation.metrics import (
     FeatureExtractor,
     FIDStatistics,
     evaluate,

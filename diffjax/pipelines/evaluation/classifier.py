@@ -7,14 +7,14 @@ Fashion-MNIST default): a small CNN trained on the clean data provides
 * the accuracy of class-conditional samples: how often the classifier assigns a sample the class
   it was generated for.
 
-    python -m diffjax.evaluate.classifier --config configs/feature_classifier_fashion_mnist.py \
+    python -m diffjax feature-classifier --config configs/feature_classifier_fashion_mnist.py \
         --workdir runs/fmnist_classifier
-    python -m diffjax.evaluate --classifier runs/fmnist_classifier --samples samples.npz
+    python -m diffjax evaluate --classifier runs/fmnist_classifier --samples samples.npz
 
-A classifier workdir holds `config.json` (the recipe), `classifier.msgpack` (the variables),
-`metrics.json` (test accuracy) and `reference_train.npz` (float64 `mu` / `sigma` of the features
-of the whole training split, GD's reference-batch keys), the default reference of the distance.
-Samples are GD's npz layout, as `python -m diffjax.sample` writes it: `arr_0` uint8
+A classifier workdir holds `config.json` (the recipe), `metrics.json` (test accuracy) and `model/`,
+the classifier as a model bundle (kind "feature_classifier") whose arrays are the float64 mean and
+covariance of the features of the whole training split, the default reference of the distance.
+Samples are GD's npz layout, as `python -m diffjax sample` writes it: `arr_0` uint8
 [N, H, W, C] and, for class-conditional samples, `arr_1` their labels [N].
 
 The classifier sees exactly what the samples are: uint8 images of the diffusion model's data
@@ -24,17 +24,13 @@ different thing.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
 import pathlib
-import sys
 import time
 from collections.abc import Callable
 
-import flax.linen as nn
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -42,11 +38,16 @@ import numpy as np
 import optax
 
 from diffjax import data as data_lib
-from diffjax.evaluate import metrics
+from diffjax.bundle import DiffusionModel
+from diffjax.core import fields
+from diffjax.io import store
+from diffjax.io.loading import load
 from diffjax.models.feature_classifier import FeatureClassifier
+from diffjax.models.registry import network_config
+from diffjax.pipelines.evaluation import metrics
+from diffjax.pipelines.training.optim import OptimConfig, make_optimizer
 
-VARIABLES_FILE = "classifier.msgpack"
-REFERENCE_FILE = "reference_train.npz"
+MODEL_DIR = "model"  # the bundle inside a classifier workdir
 FD_NAME = "Fréchet distance on classifier features"
 ACCURACY_NAME = "Classifier accuracy of class-conditional samples"
 
@@ -75,6 +76,7 @@ class Classifier:
     variables: dict
     data: data_lib.DataConfig
     metrics: dict
+    arrays: dict = dataclasses.field(default_factory=dict)  # the reference statistics
 
     def extractor(self, batch_size: int = 256, devices=None) -> metrics.FeatureExtractor:
         """A sharded, jit-compiled extractor: uint8 [B, H, W, C] -> {"features", "logits"}."""
@@ -83,13 +85,14 @@ class Classifier:
 
 
 def _configs(config: ml_collections.ConfigDict):
-    from diffjax.train import OptimConfig, dataclass_from
-
-    train = dataclass_from(ClassifierTrainConfig, config.train)
-    data = dataclass_from(data_lib.DataConfig, config.data)
-    module = dataclass_from(FeatureClassifier, config.get("model", {}),
-                             num_classes=train.num_classes)
-    optim = dataclass_from(OptimConfig, config.get("optim", {}), total_steps=train.total_steps)
+    fields.check_keys("the feature-classifier config", config.keys(),
+                      ("data", "model", "train", "optim"))
+    train = fields.from_dict(ClassifierTrainConfig, config.train, "train")
+    data = fields.from_dict(data_lib.DataConfig, config.data, "data")
+    module = fields.from_dict(FeatureClassifier, config.get("model", {}), "model",
+                              num_classes=train.num_classes)
+    optim = fields.from_dict(OptimConfig, config.get("optim", {}), "optim",
+                             total_steps=train.total_steps)
     side = data.image_size // 2 ** len(module.widths)
     if side * 2 ** len(module.widths) != data.image_size or side == 0:
         raise ValueError(f"model.widths={module.widths} halves the image {len(module.widths)} "
@@ -119,8 +122,6 @@ def train_classifier(config: ml_collections.ConfigDict, workdir=None,
     """Train the feature classifier of `config` (cross-entropy, the optimizer of diffjax.train),
     measure its test accuracy, and, with a workdir, save it there with the statistics of the
     training split's features (the metric's default reference)."""
-    from diffjax.train import make_optimizer
-
     train, data, module, optim = _configs(config)
     key = jax.random.PRNGKey(train.seed)
     size = (1, data.image_size, data.image_size, data.channels)
@@ -168,37 +169,45 @@ def train_classifier(config: ml_collections.ConfigDict, workdir=None,
 
 def save_classifier(classifier: Classifier, config, workdir, reference_images: int | None = None,
                     extractor=None, progress=False):
-    """Write config.json, the variables, metrics.json and the feature statistics of
-    `reference_images` training images (None: all) as reference_train.npz into `workdir`."""
+    """Save the classifier as a model bundle in workdir/model (kind "feature_classifier": its
+    data config and metrics in the metadata, the float64 mean and covariance of the features of
+    `reference_images` training images (None: all) as its arrays), with config.json and
+    metrics.json beside it."""
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     extractor = extractor or classifier.extractor()
     images, _ = real_images(classifier.data, "train", reference_images)
     stats = feature_statistics(extractor, images, progress=progress, desc="train split")
-    np.savez(workdir / REFERENCE_FILE, mu=stats.mu, sigma=stats.sigma)
-    (workdir / VARIABLES_FILE).write_bytes(flax.serialization.to_bytes(classifier.variables))
+    data = classifier.data
+    model = DiffusionModel(
+        network=network_config(classifier.module), weights={"params": classifier.variables["params"]},
+        kind="feature_classifier", image_shape=(data.image_size, data.image_size, data.channels),
+        provenance={"trained_with": "diffjax feature-classifier"},
+        extra={"data": dataclasses.asdict(data), "metrics": classifier.metrics},
+        arrays={"reference_mu": stats.mu, "reference_sigma": stats.sigma})
+    store.save(model, workdir / MODEL_DIR, overwrite=True)
     (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
     (workdir / "metrics.json").write_text(json.dumps(classifier.metrics, indent=1))
 
 
 def load_classifier(path) -> Classifier:
-    """The classifier saved in a workdir of `train_classifier` (or its classifier.msgpack)."""
+    """The feature classifier of a `train_classifier` workdir, a saved bundle, or a workdir of the
+    earlier format (classifier.msgpack)."""
     path = pathlib.Path(path)
-    workdir = path.parent if path.name == VARIABLES_FILE else path
-    if not (workdir / VARIABLES_FILE).is_file() or not (workdir / "config.json").is_file():
+    if (path / MODEL_DIR).is_dir():
+        path = path / MODEL_DIR
+    if not path.exists():
         raise FileNotFoundError(
-            f"{os.fspath(path)!r} is not a feature-classifier workdir (it needs {VARIABLES_FILE} "
-            f"and config.json): train one with python -m diffjax.evaluate.classifier --config "
-            f"configs/feature_classifier_fashion_mnist.py --workdir {os.fspath(path)}")
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    _, data, module, _ = _configs(config)
-    template = jax.eval_shape(module.init, jax.random.PRNGKey(0),
-                              jnp.zeros((1, data.image_size, data.image_size, data.channels)))
-    template = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), template)
-    variables = flax.serialization.from_bytes(template, (workdir / VARIABLES_FILE).read_bytes())
-    measured = workdir / "metrics.json"
-    info = json.loads(measured.read_text()) if measured.is_file() else {}
-    return Classifier(module, variables, data, info)
+            f"{os.fspath(path)!r} does not exist: train a feature classifier with python -m "
+            f"diffjax feature-classifier --config configs/feature_classifier_fashion_mnist.py "
+            f"--workdir {os.fspath(path)}")
+    model = load(path)
+    if model.kind != "feature_classifier":
+        raise ValueError(f"{os.fspath(path)!r} holds a {model.kind} model, not a feature "
+                         f"classifier (python -m diffjax feature-classifier trains one)")
+    data = fields.from_dict(data_lib.DataConfig, model.extra.get("data", {}), "data")
+    return Classifier(model.module, model.variables(), data,
+                      dict(model.extra.get("metrics", {})), dict(model.arrays))
 
 
 def feature_statistics(extractor: metrics.FeatureExtractor, images, total=None, progress=False,
@@ -217,22 +226,22 @@ def _check_images(path, shape, dtype, data: data_lib.DataConfig) -> None:
             f"{os.fspath(path)!r}: arr_0 is {dtype} {list(shape)}, but this classifier scores "
             f"uint8 [N, {want[0]}, {want[1]}, {want[2]}] images (its data config: image_size="
             f"{data.image_size}, channels={data.channels}, resize={data.resize!r}); write samples "
-            f"of the model trained on that data, as python -m diffjax.sample does")
+            f"of the model trained on that data, as python -m diffjax sample does")
 
 
-def reference_statistics(classifier: Classifier, extractor, ref=None, workdir=None,
+def reference_statistics(classifier: Classifier, extractor, ref=None,
                          progress=False) -> tuple[metrics.FIDStatistics, str]:
     """(statistics, description) of the reference: a GD-layout npz `ref` (arr_0 images, or
-    precomputed mu / sigma of these classifier features), else the workdir's training-split
-    statistics."""
+    precomputed mu / sigma of these classifier features), else the classifier's own
+    training-split statistics."""
     if ref is None:
-        if workdir is None or not (pathlib.Path(workdir) / REFERENCE_FILE).is_file():
+        if "reference_mu" not in classifier.arrays:
             raise FileNotFoundError(
-                f"no reference: pass --ref REF.npz (arr_0 uint8 images) or use a classifier "
-                f"workdir holding {REFERENCE_FILE} (written by train_classifier)")
-        ref = pathlib.Path(workdir) / REFERENCE_FILE
-        with np.load(ref) as f:
-            return metrics.FIDStatistics(f["mu"], f["sigma"]), "training split"
+                "no reference: pass --ref REF.npz (arr_0 uint8 images) or use a classifier "
+                "saved with its training-split statistics (train_classifier writes them)")
+        return (metrics.FIDStatistics(np.asarray(classifier.arrays["reference_mu"], np.float64),
+                                      np.asarray(classifier.arrays["reference_sigma"], np.float64)),
+                "training split")
     keys = metrics.npz_keys(ref)
     if "mu" in keys and "sigma" in keys:
         with np.load(ref) as f:
@@ -256,9 +265,7 @@ def evaluate_samples(classifier_path, samples_path, ref=None, batch_size: int = 
     (None without arr_1 labels), "num_samples", "reference", "classifier_test_accuracy"}."""
     classifier = load_classifier(classifier_path)
     extractor = classifier.extractor(batch_size)
-    workdir = pathlib.Path(classifier_path)
-    workdir = workdir.parent if workdir.name == VARIABLES_FILE else workdir
-    ref_stats, ref_name = reference_statistics(classifier, extractor, ref, workdir, progress)
+    ref_stats, ref_name = reference_statistics(classifier, extractor, ref, progress)
     shape, dtype = metrics.npz_array_info(samples_path, "arr_0")
     _check_images(samples_path, shape, dtype, classifier.data)
     labels = None
@@ -281,33 +288,3 @@ def evaluate_samples(classifier_path, samples_path, ref=None, batch_size: int = 
         "reference": ref_name,
         "classifier_test_accuracy": classifier.metrics.get("test_accuracy"),
     }
-
-
-# ------------------------------------------------------------------------------ command line
-
-
-def main(argv=None) -> int:
-    from diffjax.sample import load_config
-
-    p = argparse.ArgumentParser(prog="python -m diffjax.evaluate.classifier",
-                                description="Train the feature classifier of the "
-                                            "classifier-feature metrics.")
-    p.add_argument("--config", required=True,
-                   help="path.py[:arg], e.g. configs/feature_classifier_fashion_mnist.py")
-    p.add_argument("--workdir", required=True, help="where the classifier is saved")
-    p.add_argument("--steps", type=int, help="override train.total_steps")
-    args = p.parse_args(argv)
-    config = load_config(args.config)
-    if args.steps is not None:
-        config.train.total_steps = args.steps
-
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
-
-    classifier = train_classifier(config, args.workdir, log=log, progress=True)
-    print(json.dumps(classifier.metrics))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

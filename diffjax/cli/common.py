@@ -1,0 +1,124 @@
+"""What every command shares: one flag style, config files and their overrides, error handling.
+
+Flag style: `--snake_case`, the spelling of the config fields that `--config.train.batch_size=8`
+sets and of guided-diffusion's scripts (`--batch_size`, `--num_samples`, `--classifier_scale`),
+so a flag reads the same wherever it appears; the `--dashed-form` is accepted as an alias of
+every flag. Every option is in `--help`.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import os
+import pathlib
+import sys
+import traceback
+
+import ml_collections
+
+from diffjax.core import fields
+from diffjax.io.torch_pt import CheckpointError
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, descriptions kept as written."""
+
+
+def parser(prog: str, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=f"python -m diffjax {prog}", description=description,
+                                   formatter_class=Formatter)
+
+
+def flag(group, name: str, **kwargs):
+    """--name (snake_case) with --name-with-dashes as an alias."""
+    names = [f"--{name}"]
+    if "_" in name:
+        names.append(f"--{name.replace('_', '-')}")
+    return group.add_argument(*names, **kwargs)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """`path/to/config.py[:arg]` -> its get_config(arg)."""
+    path, _, arg = spec.partition(":")
+    file = pathlib.Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--config {spec!r}: no such file {file}")
+    module_spec = importlib.util.spec_from_file_location(f"_diffjax_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a plain string
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
+    """`--config.a.b=value` (or `--config.a.b value`) overrides. A key the config does not have is
+    an error naming the closest one; a value is a Python literal (a string otherwise); a tuple
+    or list replaces the old value whole."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    i = 0
+    while i < len(overrides):
+        item = overrides[i]
+        if not item.startswith("--config."):
+            raise ValueError(f"unrecognised argument {item!r}: overrides look like "
+                             f"--config.train.batch_size=8 (see --help)")
+        key, eq, value = item[len("--config."):].partition("=")
+        if not eq:
+            if i + 1 >= len(overrides):
+                raise ValueError(f"{item} needs a value, e.g. {item}=8")
+            value, i = overrides[i + 1], i + 1
+        i += 1
+        *parents, leaf = key.split(".")
+        node, where = config, "the config"
+        for part in parents:
+            if part not in node:
+                fields.check_keys(where, [part], list(node.keys()))
+            node, where = node[part], f"{where}.{part}" if where != "the config" else part
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise ValueError(f"--config.{key}: {where} is not a section")
+        if leaf not in node:
+            fields.check_keys(where, [leaf], list(node.keys()))
+        old, new = node[leaf], _literal(value)
+        if isinstance(old, (tuple, list)) and not isinstance(new, (tuple, list)):
+            new = (new,)
+        if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
+            new = float(new)
+        try:
+            node[leaf] = new
+        except TypeError as err:
+            raise ValueError(f"--config.{key}={value!r}: {err}") from None
+    return config
+
+
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError, PermissionError,
+               NotADirectoryError, CheckpointError)
+
+
+def run(main, argv=None) -> int:
+    """Run a command's main; a user error (or any failure) is one `error:` line and a non-zero
+    exit, never a traceback (set DIFFJAX_TRACEBACK=1 to see it)."""
+    try:
+        return int(main(argv) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"error: {message}", file=sys.stderr)
+        if os.environ.get("DIFFJAX_TRACEBACK"):
+            traceback.print_exc()
+        return 2
+    except Exception as err:  # noqa: BLE001 - one line for the user, the details on request
+        print(f"error: {type(err).__name__}: {err}\n(an unexpected failure: rerun with "
+              f"DIFFJAX_TRACEBACK=1 for the traceback, and report it)", file=sys.stderr)
+        if os.environ.get("DIFFJAX_TRACEBACK"):
+            traceback.print_exc()
+        return 1

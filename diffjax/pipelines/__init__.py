@@ -1,0 +1,1 @@
+"""The pipelines that use models: sampling (`diffjax.sample`), training and evaluation."""
