@@ -184,4 +184,4 @@ def cfg_model_fn(model_fn, guidance_scale, mean_channels: int = 3):
 __all__ = ["MODEL_CLASSES", "GPT2_N_VOCAB", "build", "create_model", "model_and_diffusion_defaults",
            "model_and_diffusion_defaults_upsampler", "load_state_dict", "state_dict_shapes",
            "variables_to_state_dict", "apply", "get_text_emb", "cfg_model_fn"]
-from diffjax.compat.glide_clip import CLIPModel, clip_tokenizer, create_clip_model, load_clip_state_dict  # noqa: E402,F401,E501
+from diffjax.compat.glide_clip import CLIPModel, clip_tokenizer, create_clip_model, load_clip_state_dict  # noqa: E402,F401
