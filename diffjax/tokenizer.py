@@ -15,9 +15,9 @@ expression, then merge symbol pairs in the order of the merges file (lowest rank
 the arrays the models take and `empty_tokens_and_mask(tok, batch, text_ctx)` the unconditional
 (empty-prompt) ones for classifier-free guidance.
 
-The split patterns need the `regex` package (Unicode classes \\p{L}, \\p{N}). CLIP's cleaning runs
-`ftfy.fix_text` when ftfy is installed (glide-text2im requires it); without it only the HTML
-unescaping and whitespace collapsing are done, which differs only on mojibake input.
+The split patterns need the `regex` package (Unicode classes \\p{L}, \\p{N}). CLIP's cleaning needs
+`ftfy` (pinned: ftfy 6.3.1 produced the golden ids; without `ftfy.fix_text` 36 of the 268 golden
+strings tokenise differently, so there is no fallback).
 """
 from __future__ import annotations
 
@@ -64,6 +64,16 @@ def _compile(pattern: str, ignorecase: bool):
         raise ImportError("diffjax.tokenizer needs the `regex` package for Unicode classes: "
                           "pip install regex") from None
     return regex.compile(pattern, regex.IGNORECASE if ignorecase else 0)
+
+
+def _fix_text(text: str) -> str:
+    try:
+        import ftfy
+    except ImportError:
+        raise ImportError("CLIP's tokenizer cleans text with ftfy.fix_text, as glide-text2im does: "
+                          "pip install ftfy==6.3.1 (the version the golden ids were made with)"
+                          ) from None
+    return ftfy.fix_text(text)
 
 
 def _read_text(path) -> str:
@@ -200,14 +210,14 @@ class CLIPTokenizer(_BytePairEncoder):
     def end_token(self) -> int:
         return self.encoder[END]
 
-    def _normalise(self, text: str) -> str:
-        try:
-            import ftfy
-            text = ftfy.fix_text(text)
-        except ImportError:
-            pass
-        text = html.unescape(html.unescape(text)).strip()
+    def clean_text(self, text: str) -> str:
+        """The text the split pattern sees: simple_tokenizer's whitespace_clean(basic_clean(text))
+        .lower(): ftfy.fix_text, html.unescape twice, strip, whitespace runs -> ' ', lower-case."""
+        text = html.unescape(html.unescape(_fix_text(text))).strip()
+        # str.split() and re's \s (whitespace_clean's pattern) use the same Unicode whitespace test.
         return " ".join(text.split()).lower()
+
+    _normalise = clean_text
 
     def bpe(self, word: str) -> tuple[str, ...]:
         if word in (START, END):

@@ -2,6 +2,7 @@
 glide-text2im's padding / mask, CLIP's framing, and loading from files (.gz or plain)."""
 import gzip
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -89,3 +90,13 @@ def test_missing_files_name_the_fix(tmp_path):
     write(tmp_path / "encoder.json", "{}", gz=False)
     with pytest.raises(FileNotFoundError, match=r"no vocab.bpe or vocab.bpe.gz"):
         T.load_tokenizer(tmp_path)
+
+
+def test_clip_cleaning_is_ftfy_then_html_then_whitespace(tmp_path, monkeypatch):
+    tok = T.load_tokenizer(write(tmp_path / "bpe_simple_vocab_16e6.txt.gz",
+                                 "bpe_simple_vocab_16e6.txt#version: 0.2\nh e\n"))
+    # ftfy repairs mojibake (UTF-8 read as Latin-1: 'Ã©' -> 'é'), then HTML is unescaped twice.
+    assert tok.clean_text(" Caf\u00c3\u00a9\t &amp;lt;B&amp;gt;\n ") == "café <b>"
+    monkeypatch.setitem(sys.modules, "ftfy", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r"pip install ftfy==6\.3\.1"):
+        tok.encode("hello")

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 
 from diffjax.core import guidance as G
 from diffjax.compat import gd_models
+from diffjax.compat.glide_clip import (  # noqa: F401  (GLIDE's noised CLIP)
+    CLIPModel, clip_tokenizer, create_clip_model, load_clip_state_dict)
 from diffjax.compat.gd_models import (  # noqa: F401  (the mapping works for GLIDE's models too)
     load_state_dict, state_dict_shapes, variables_to_state_dict)
 from diffjax.models.glide import (
@@ -183,4 +185,5 @@ def cfg_model_fn(model_fn, guidance_scale, mean_channels: int = 3):
 
 __all__ = ["MODEL_CLASSES", "GPT2_N_VOCAB", "build", "create_model", "model_and_diffusion_defaults",
            "model_and_diffusion_defaults_upsampler", "load_state_dict", "state_dict_shapes",
-           "variables_to_state_dict", "apply", "get_text_emb", "cfg_model_fn"]
+           "variables_to_state_dict", "apply", "get_text_emb", "cfg_model_fn", "CLIPModel",
+           "clip_tokenizer", "create_clip_model", "load_clip_state_dict"]

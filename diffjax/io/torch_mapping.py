@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.io.torch_pt import open_pt
-from diffjax.models import ADMTrunk
 
 
 # (Flax leaf name, ndim) -> (PyTorch leaf name, permutation taking the Flax array to PyTorch's).
@@ -46,8 +45,9 @@ class _Param(NamedTuple):
     torch_shape: tuple[int, ...]
 
 
-def _torch_key(path: tuple[str, ...], leaf_shape: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
-    name, perm = _LEAVES[(path[-1], len(leaf_shape))]
+def _torch_key(path: tuple[str, ...], leaf_shape: tuple[int, ...],
+               leaves: Mapping = _LEAVES) -> tuple[str, tuple[int, ...]]:
+    name, perm = leaves[(path[-1], len(leaf_shape))]
     modules = [re.sub(r"_(\d+)", r".\1", p) for p in path[:-1]]
     return ".".join(modules + [name]), perm
 
@@ -59,12 +59,16 @@ def _param_layout(module) -> list[_Param]:
     order inside `init` (jax.eval_shape's output would be key-sorted, so the order is read while
     tracing). Rematerialisation does not change parameters, so it is switched off here.
     """
-    if not isinstance(module, ADMTrunk):
+    if not hasattr(module, "example_inputs"):
         raise ValueError(f"expected a diffjax UNetModel / SuperResModel / EncoderUNetModel (or a "
-                         f"GLIDE model), got "
+                         f"GLIDE model or noised-CLIP encoder), got "
                          f"{type(module).__name__}")
-    plain = module.clone(use_checkpoint=False, parent=None)
+    no_remat = {"use_checkpoint": False} if hasattr(module, "use_checkpoint") else {}
+    plain = module.clone(parent=None, **no_remat)
     args, kwargs = plain.example_inputs(1)
+    # Models whose parameters are not named as the ADM ones (glide's CLIP: Affine `w`, LayerNorm
+    # `g`) give their own (leaf name, ndim) entries on top of _LEAVES.
+    leaves = {**_LEAVES, **getattr(plain, "torch_leaves", {})}
     layout: list[_Param] = []
 
     def walk(tree, path):
@@ -72,7 +76,7 @@ def _param_layout(module) -> list[_Param]:
             if isinstance(v, Mapping):
                 walk(v, path + (k,))
             else:
-                key, perm = _torch_key(path + (k,), v.shape)
+                key, perm = _torch_key(path + (k,), v.shape, leaves)
                 layout.append(_Param(key, path + (k,), perm, tuple(v.shape[i] for i in perm)))
 
     def init():
