@@ -84,6 +84,28 @@ def random_inpaint_masks(key, batch: int, size: int, *, min_frac=0.1, max_frac=0
     return (~erased).astype(jnp.float32)[..., None]
 
 
+def empty_caption(text_ctx: int, pad_token: int):
+    """The unconditional caption: text_ctx padding tokens, mask all False (glide-text2im's
+    padded_tokens_and_mask([], text_ctx)). -> (tokens [1, text_ctx] int32, mask [1, text_ctx])"""
+    return jnp.full((1, text_ctx), pad_token, jnp.int32), jnp.zeros((1, text_ctx), bool)
+
+
+def _text_emb_impl(variables, tokens, mask, module):
+    return module.apply(variables, tokens, mask, method="get_text_emb")
+
+
+_text_emb = jax.jit(_text_emb_impl, static_argnames=("module",))
+
+
+def text_embedding(model, tokens, mask) -> dict:
+    """A caption's transformer outputs, computed once per sampling request: {"xf_proj":
+    [B, 4 model_channels], "xf_out": [B, text_ctx, xf_width]} (the network's `text_emb`).
+    `model` is (module, variables)."""
+    module, variables = model
+    return _text_emb(variables, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
+                     module=module)
+
+
 def inpaint_inputs(image, mask) -> dict:
     """The inpainting network's inputs: inpaint_image = image * mask [B, H, W, C] and
     inpaint_mask [B, H, W, 1] (1 = known)."""
@@ -300,23 +322,22 @@ class Text(Kind):
         tokens = jnp.asarray(batch["tokens"]).astype(jnp.int32)
         mask = jnp.asarray(batch["mask"]).astype(bool)
         if key is not None and self.dropout:
-            pad = self.load_tokenizer().end_token  # the empty caption's padding
-            tokens, mask, _ = drop_captions(key, tokens, mask, self.dropout, pad)
+            tokens, mask, _ = drop_captions(key, tokens, mask, self.dropout, self.pad_token)
         return {"tokens": tokens, "mask": mask}
 
     @property
     def droppable(self) -> bool:
         return True  # the empty caption; the released GLIDE models were trained with it
 
-    def _embedding(self, model, tokens, mask):
-        module, variables = model
-        return _text_emb(variables, jnp.asarray(tokens, jnp.int32), jnp.asarray(mask, bool),
-                         module=module)
+    @property
+    def pad_token(self) -> int:
+        """The empty caption's padding: the tokenizer's end token."""
+        return self.load_tokenizer().end_token
 
     def null_kwargs(self, model, request) -> dict:
         tokenizer = self.load_tokenizer(request.get("tokenizer"))
-        tokens, mask = tokenizer_lib.empty_tokens_and_mask(tokenizer, 1, self.text_ctx)
-        return {"text_emb": self._embedding(model, tokens, mask)}
+        return {"text_emb": text_embedding(model, *empty_caption(self.text_ctx,
+                                                                  tokenizer.end_token))}
 
     def sampling_kwargs(self, request, batch, key, model) -> dict:
         prompts = request.get("prompts")
@@ -329,7 +350,7 @@ class Text(Kind):
         tokens, mask = tokenizer_lib.tokens_and_mask(tokenizer, prompts, self.text_ctx)
         tokens, mask = _batch_of(tokens, batch, "prompts"), _batch_of(mask, batch, "prompts")
         # The caption's transformer runs once per request, not once per step.
-        return {"text_emb": self._embedding(model, tokens, mask)}
+        return {"text_emb": text_embedding(model, tokens, mask)}
 
     def grid(self, per_class, prompts):
         prompts = list(prompts) or [""]
@@ -354,13 +375,6 @@ class Text(Kind):
         if args.tokenizer:
             request["tokenizer"] = args.tokenizer
         return request
-
-
-def _text_emb_impl(variables, tokens, mask, module):
-    return module.apply(variables, tokens, mask, method="get_text_emb")
-
-
-_text_emb = jax.jit(_text_emb_impl, static_argnames=("module",))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -400,9 +414,10 @@ class LowRes(Kind):
         low_res = np.asarray(low_res)
         if low_res.dtype == np.uint8:
             low_res = low_res.astype(np.float32) / 127.5 - 1
-        if low_res.ndim != 4 or low_res.shape[1:3] != (self.size, self.size):
-            raise ValueError(f"low_res has shape {low_res.shape}: this model upsamples "
-                             f"[B, {self.size}, {self.size}, C] images")
+        if low_res.ndim != 4:
+            raise ValueError(f"low_res has shape {low_res.shape}: give images [B, h, w, C] (this "
+                             f"model was trained on {self.size}x{self.size} ones; the network "
+                             f"resizes any size bilinearly)")
         return {"low_res": self._prepare(_batch_of(low_res, batch, "low-resolution images"))}
 
     def describe(self) -> str:

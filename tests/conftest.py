@@ -4,10 +4,6 @@ import os
 
 # Must run before JAX initialises its backend.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The CLIs the tests launch are short, tiny runs, where 2 MiB pages cost more than they save
-# (measured: resume + multihost + main-job tests 177 s without, 202 s with); tests/test_hugepages.py
-# tests the re-exec itself.
-os.environ.setdefault("DIFFJAX_HUGEPAGES", "0")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 4)
@@ -46,9 +42,9 @@ TINY_WORKDIR_CONFIG = dict(
     data=dict(source="fashion_mnist", image_size=32, channels=1, resize="pad", seed=1),
     model=dict(model_channels=32, num_res_blocks=0, channel_mult=(1, 1), attention_resolutions=(),
                num_heads=1),
-    diffusion=dict(learn_sigma=True, diffusion_steps=10, noise_schedule="cosine"),
-    train=dict(task="diffusion", conditioning="classifier_free", label_dropout=0.2,
-               num_classes=10, batch_size=4, total_steps=2, ema_rates=(0.9, 0.999), seed=3),
+    diffusion=dict(beta_schedule="cosine", num_steps=10, variance="learned_range"),
+    conditioning={"class": dict(num_classes=10, dropout=0.2)},
+    train=dict(task="diffusion", batch_size=4, total_steps=2, ema_rates=(0.9, 0.999), seed=3),
     optim=dict(lr=1e-3, warmup_steps=1),
     checkpoint=dict(every=2, keep=1, async_save=False),
     eval=dict(per_class=0, sampler="ddpm", respacing="5"),
@@ -62,7 +58,7 @@ def tiny_workdir(tmp_path_factory):
     import ml_collections
 
     from diffjax import data as data_lib
-    from diffjax import train as T
+    from diffjax.pipelines import training as T
 
     try:
         data_lib.fashion_mnist("train")

@@ -1,4 +1,4 @@
-"""python -m diffjax.convert: the real unet_cond32.pt converts to variables whose forward is the
+"""python -m diffjax convert: the real unet_cond32.pt converts to variables whose forward is the
 golden output; a wrong model is one error listing every bad tensor; failures never clobber output."""
 
 import subprocess
@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 
 from diffjax.compat import gd_presets as pretrained
-from diffjax import convert as C
+import types
+
+from diffjax.cli import convert as convert_cli
+from diffjax.io import convert as convert_lib
+from diffjax.io.loading import load_converted
+
+# The conversion's library half, its reader and its command line.
+C = types.SimpleNamespace(convert=convert_lib.convert, build_model=convert_lib.build_model,
+                          load_converted=load_converted, main=convert_cli.main)
 from diffjax.io.torch_pt import UnsafeCheckpointError
 from diffjax.compat import gd_models
 from tests._util import PARITY, REPO, nchw_to_nhwc, rel_err, require
@@ -158,7 +166,7 @@ def test_config_travels_with_the_weights(converted, golden, tmp_path):
 
 _PEAK_RSS = """
 import resource, sys
-from diffjax import convert
+from diffjax.cli import convert
 try:
     convert.main(sys.argv[1:] + ["--no-progress"])
 finally:

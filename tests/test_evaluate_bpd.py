@@ -1,4 +1,4 @@
-"""`python -m diffjax.evaluate --bpd` on a workdir trained here for two steps: the exact mode
+"""`python -m diffjax evaluate --bpd` on a workdir trained here for two steps: the exact mode
 reports the mean and standard error of GD's bound assembled here image by image from the raw
 checkpoint, and the Monte-Carlo mode agrees with it statistically."""
 import json
@@ -11,7 +11,7 @@ import pytest
 
 from diffjax import data as data_lib
 from diffjax.core import diffusion as D
-from diffjax import train as T
+from diffjax.pipelines import training as T
 from diffjax.io.checkpoints import CheckpointManager
 from diffjax.cli import evaluate as cli
 from diffjax.pipelines.evaluation import bpd

@@ -10,9 +10,17 @@ import ml_collections
 import numpy as np
 import pytest
 
-from diffjax import convert as C
+import types
+
+from diffjax.cli import convert as convert_cli
+from diffjax.io import convert as convert_lib
+from diffjax.io.loading import load_converted
+
+# The conversion's library half, its reader and its command line.
+C = types.SimpleNamespace(convert=convert_lib.convert, build_model=convert_lib.build_model,
+                          load_converted=load_converted, main=convert_cli.main)
 from diffjax import data as data_lib
-from diffjax import train as T
+from diffjax.pipelines import training as T
 from diffjax.compat import gd_presets
 from tests._util import PARITY, nchw_to_nhwc, rel_err, require
 
@@ -37,10 +45,10 @@ def converted(tmp_path_factory, golden):
 def finetune_config(init_from, **train):
     c = ml_collections.ConfigDict()
     c.data = dict(source="fashion_mnist", image_size=32, channels=3)  # the model takes RGB
-    c.model = dict()  # replaced by the converted model
-    c.diffusion = dict(learn_sigma=False)  # replaced by the converted flags
-    c.train = dict(dict(task="diffusion", conditioning="class", num_classes=10, batch_size=4,
-                        total_steps=2, ema_rates=(0.99,)), **train)
+    c.model = dict()  # the converted model's
+    c.diffusion = dict()  # the converted model's
+    c.conditioning = {"class": dict(num_classes=10)}
+    c.train = dict(dict(task="diffusion", batch_size=4, total_steps=2, ema_rates=(0.99,)), **train)
     c.optim = dict(lr=1e-4, warmup_steps=0, schedule="constant")
     c.checkpoint = dict(every=2, keep=1, async_save=False)
     c.eval = dict(per_class=0)

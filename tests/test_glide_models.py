@@ -5,7 +5,15 @@ import jax
 import numpy as np
 import pytest
 
-from diffjax import convert as C
+import types
+
+from diffjax.cli import convert as convert_cli
+from diffjax.io import convert as convert_lib
+from diffjax.io.loading import load_converted
+
+# The conversion's library half, its reader and its command line.
+C = types.SimpleNamespace(convert=convert_lib.convert, build_model=convert_lib.build_model,
+                          load_converted=load_converted, main=convert_cli.main)
 from diffjax.compat import glide_presets
 from diffjax.compat import glide_text2im as GT
 from tests._util import nchw_to_nhwc, rel_err

@@ -11,20 +11,22 @@ import ml_collections
 import numpy as np
 import pytest
 
+import diffjax
+from diffjax import conditioning as C
 from diffjax import data as data_lib
 from diffjax import parallel
-from diffjax import text2im
-from diffjax import train as train_lib
-from diffjax.compat import glide_text2im as GT
-from diffjax.tokenizer import tokens_and_mask
 from diffjax import tokenizer as tokenizer_lib
+from diffjax.compat import glide_text2im as GT
+from diffjax.pipelines import training as train_lib
+from diffjax.pipelines.training import finetune
+from diffjax.pipelines.training import state as state_lib
 from tests._tiny_glide import TINY_FLAGS, write_vocab
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 COLOURS = ("red", "green", "blue")  # channel index = position
 
 
-def _config(vocab, size=16, **train):
+def _config(vocab, size=16, caption_dropout=0.2, inpaint=False, **train):
     sys.path.insert(0, str(CONFIGS))
     try:
         import glide_shapes
@@ -32,7 +34,13 @@ def _config(vocab, size=16, **train):
         sys.path.pop(0)
     c = glide_shapes.get_config()
     c.data.update(image_size=size, tokenizer=str(vocab), text_ctx=4, random_flip=False)
-    c.model = ml_collections.ConfigDict(dict(TINY_FLAGS))
+    # TINY_FLAGS in the network's own terms
+    c.model = ml_collections.ConfigDict(dict(
+        model_channels=32, num_res_blocks=1, channel_mult=(1, 2), num_heads=1,
+        num_head_channels=-1, attention_resolutions=(8,), dropout=0.0, xf_width=32, xf_layers=1,
+        xf_heads=2, xf_final_ln=True, xf_padding=True, use_scale_shift_norm=True,
+        resblock_updown=True))
+    c.conditioning = {"text": dict(dropout=caption_dropout), **({"inpaint": {}} if inpaint else {})}
     c.train.update(**{"batch_size": 16, "total_steps": 400, "compute_dtype": "float32", **train})
     c.optim.update(lr=2e-3, warmup_steps=20)
     return c
@@ -63,7 +71,7 @@ def test_shapes_batches_carry_tokens_of_their_captions(vocab):
 def test_caption_dropout_rate_and_empty_caption():
     tokens = jnp.arange(4000 * 5, dtype=jnp.int32).reshape(4000, 5) % 50
     mask = jnp.ones((4000, 5), bool)
-    out, out_mask, dropped = text2im.drop_captions(jax.random.PRNGKey(0), tokens, mask, 0.2, 99)
+    out, out_mask, dropped = C.drop_captions(jax.random.PRNGKey(0), tokens, mask, 0.2, 99)
     rate = float(dropped.mean())
     assert abs(rate - 0.2) < 4 * np.sqrt(0.2 * 0.8 / 4000)  # binomial: 4 standard errors
     assert np.all(np.asarray(out)[np.asarray(dropped)] == 99)
@@ -73,7 +81,7 @@ def test_caption_dropout_rate_and_empty_caption():
 
 
 def test_random_masks_erase_a_part_of_every_image():
-    masks = np.asarray(text2im.random_inpaint_masks(jax.random.PRNGKey(1), 256, 32))
+    masks = np.asarray(C.random_inpaint_masks(jax.random.PRNGKey(1), 256, 32))
     assert masks.shape == (256, 32, 32, 1) and set(np.unique(masks)) <= {0.0, 1.0}
     known = masks.mean(axis=(1, 2, 3))
     assert known.min() > 0 and known.max() < 1  # always something to keep and something to fill
@@ -84,11 +92,12 @@ def test_train_step_sees_tokens_drops_captions_and_shards_any_batch_keys(vocab):
     config = _config(vocab, caption_dropout=0.5, inpaint=True)
     trainer, data_cfg, _ = train_lib.trainer_from_config(config)
     assert type(trainer.module).__name__ == "InpaintText2ImUNet"
-    assert trainer.text.pad_token == tokenizer_lib.load(str(vocab)).end_token
+    text = trainer.conditioning.get(C.Text)
+    assert text.pad_token == tokenizer_lib.load(str(vocab)).end_token
     batch = data_lib.make_iterator(data_cfg, 8).next()
     kwargs = trainer._model_kwargs(jax.tree.map(jnp.asarray, batch), jax.random.PRNGKey(3))
     dropped = ~np.asarray(kwargs["mask"]).any(-1)
-    assert 0 < dropped.sum() < 8 and np.all(np.asarray(kwargs["tokens"])[dropped] == trainer.text.pad_token)
+    assert 0 < dropped.sum() < 8 and np.all(np.asarray(kwargs["tokens"])[dropped] == text.pad_token)
     np.testing.assert_array_equal(np.asarray(kwargs["tokens"])[~dropped], batch["tokens"][~dropped])
     m = np.asarray(kwargs["inpaint_mask"])
     np.testing.assert_allclose(np.asarray(kwargs["inpaint_image"]), batch["image"] * m)
@@ -105,11 +114,11 @@ def test_train_step_sees_tokens_drops_captions_and_shards_any_batch_keys(vocab):
 
 def test_inpaint_finetuning_starts_from_the_base_model_with_zero_new_channels(vocab):
     base = GT.create_model(image_size=16, text_ctx=4, n_vocab=300, use_fp16=False, **TINY_FLAGS)
-    inpaint = text2im.with_class(base, GT.InpaintText2ImUNet)
+    inpaint = finetune.with_class(base, GT.InpaintText2ImUNet)
     args, kwargs = base.example_inputs(2)
     base_params = jax.jit(base.init)(jax.random.PRNGKey(0), *args, **kwargs)["params"]
     shapes = jax.eval_shape(lambda: inpaint.init(jax.random.PRNGKey(0), *args, **kwargs))["params"]
-    params = text2im.expand_input_channels(inpaint, shapes, base, base_params)
+    params = finetune.expand_input_channels(inpaint, shapes, base, base_params)
     kernel = np.asarray(params["input_blocks_0_0"]["kernel"])
     assert kernel.shape[2] == 7
     np.testing.assert_array_equal(kernel[:, :, :3], base_params["input_blocks_0_0"]["kernel"])
@@ -125,7 +134,7 @@ def test_inpaint_finetuning_starts_from_the_base_model_with_zero_new_channels(vo
                         inpaint_mask=jnp.ones((2, 16, 16, 1)))
     np.testing.assert_allclose(got, want, atol=1e-5)
     with pytest.raises(ValueError, match="no \\['inpaint_image', 'inpaint_mask'\\] input"):
-        text2im.expand_input_channels(base, base_params, inpaint, params)
+        finetune.expand_input_channels(base, base_params, inpaint, params)
 
 
 def prompt_following(images, colours) -> float:
@@ -147,9 +156,10 @@ def prompt_following(images, colours) -> float:
 @pytest.mark.slow
 def test_tiny_text_model_follows_prompts_better_with_guidance(vocab):
     config = _config(vocab, caption_dropout=0.2, total_steps=400, ema_rates=(0.99,))
-    trainer, data_cfg, _ = train_lib.trainer_from_config(config)
+    experiment, trainer, _ = train_lib.experiment_and_trainer(config)
+    data_cfg = experiment.data
     mesh = parallel.make_mesh(1)
-    state, state_sh = train_lib.create_state(trainer, mesh, jax.random.PRNGKey(0))
+    state, state_sh = state_lib.create_state(trainer.init, mesh, jax.random.PRNGKey(0))
     step_fn = train_lib.compile_steps(trainer, mesh, state_sh)
     iterator = data_lib.make_iterator(data_cfg, trainer.config.batch_size)
     sharding = parallel.batch_sharding(mesh, ndim_leading=1)
@@ -159,18 +169,14 @@ def test_tiny_text_model_follows_prompts_better_with_guidance(vocab):
     loss = float(metrics["loss"][0])
     train_s = time.perf_counter() - start
 
-    tok = tokenizer_lib.load(str(vocab))
     colours = [c for c in COLOURS for _ in range(8)]
     prompts = [f"{c} {('square', 'circle')[i % 2]}" for i, c in enumerate(colours)]
-    tokens, mask = tokens_and_mask(tok, prompts, 4)
-    flags = {**config.diffusion, "timestep_respacing": "50"}
-    stage = text2im.Stage(trainer.module, {"params": state.ema[0]},
-                          text2im.glide_diffusion(flags))
+    model = train_lib.model_from_state(experiment, state, use=0)
     scores = {}
     for scale in (0.0, 3.0):
-        images = text2im.sample_base(jax.random.PRNGKey(7), stage, tokens, mask,
-                                     batch_size=len(prompts), cfg_scale=scale,
-                                     pad_token=tok.end_token)
+        images = diffjax.sample(model, jax.random.PRNGKey(7), len(prompts), prompts=prompts,
+                                guidance_scale=scale, steps="50", sampler="ddpm")
+        images = images.astype(np.float32) / 127.5 - 1  # uint8 -> [-1, 1]
         scores[scale] = prompt_following(images, colours)
     print(f"\nprompt following: cfg 0 -> {scores[0.0]:.3f}, cfg 3 -> {scores[3.0]:.3f} "
           f"({len(prompts)} samples); {trainer.config.total_steps} steps in {train_s:.1f} s, "

@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax import __main__ as main_job
+from diffjax.cli import check as main_job
 from diffjax.core import diffusion as D
 from diffjax.core import schedules as S
 

@@ -1,11 +1,16 @@
-"""`python -m diffjax.sample` on a checkpoint converted from a real guided-diffusion .pt file."""
+"""`python -m diffjax sample` on a checkpoint converted from a real guided-diffusion .pt file."""
+import json
+
+import ml_collections
 import numpy as np
 import pytest
 
-from diffjax import convert
-from diffjax import sample as sample_cli
 from diffjax import tokenizer as tokenizer_lib
+from diffjax.cli import convert as convert_cli
+from diffjax.cli import sample as sample_cli
+from diffjax.io import convert
 from tests._util import PARITY, require
+from tests.test_torch_pt import state_dict_file
 
 FLAGS = ("--image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,2,2 "
          "--learn_sigma True --class_cond True --attention_resolutions 16,8 --num_heads 2 "
@@ -17,7 +22,7 @@ FLAGS = ("--image_size 32 --num_channels 32 --num_res_blocks 1 --channel_mult 1,
 def checkpoint(tmp_path_factory):
     pt = require(PARITY / "pt" / "unet_cond32.pt")
     out = tmp_path_factory.mktemp("ckpt") / "unet"
-    convert.main(["--pt", str(pt), "--flags", FLAGS, "--num_classes", "10", "--out", str(out)])
+    convert_cli.main(["--pt", str(pt), "--flags", FLAGS, "--num_classes", "10", "--out", str(out)])
     return out
 
 
@@ -63,10 +68,11 @@ def test_workdir_samples_the_runs_ema_with_its_schedule(tiny_workdir, tmp_path):
     import jax.numpy as jnp
 
     import diffjax
-    from diffjax.core import guidance as G
     from diffjax import images
-    from diffjax import train as T
+    from diffjax.core import guidance as G
+    from diffjax.core import samplers
     from diffjax.io.checkpoints import CheckpointManager
+    from diffjax.pipelines import training as T
 
     out = tmp_path / "w.npz"
     sample_cli.main(["--workdir", str(tiny_workdir), "--ema", "1", "--num_samples", "3",
@@ -75,7 +81,8 @@ def test_workdir_samples_the_runs_ema_with_its_schedule(tiny_workdir, tmp_path):
     got = np.load(out)
     assert got["arr_0"].shape == (3, 32, 32, 1) and list(got["arr_1"]) == [4, 4, 4]
 
-    trainer, _, _ = T.trainer_from_config(T.load_config_json(tiny_workdir))
+    config = ml_collections.ConfigDict(json.loads((tiny_workdir / "config.json").read_text()))
+    trainer, _, _ = T.trainer_from_config(config)
     manager = CheckpointManager(tiny_workdir / "checkpoints")
     state, _ = manager.restore(None)
     manager.close()
@@ -83,16 +90,16 @@ def test_workdir_samples_the_runs_ema_with_its_schedule(tiny_workdir, tmp_path):
     assert sched.num_timesteps == 5
     guidance = G.classifier_free(2.5, {"y": jnp.full((1,), 10)}, mean_channels=1)
     _, k_sample = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(5), 0))
-    want = diffjax.sample(k_sample, (trainer.module, {"params": state["ema"][1]}), sched,
+    want = samplers.sample(k_sample, (trainer.module, {"params": state["ema"][1]}), sched,
                           (3, 32, 32, 1), sampler="ddpm", guidance=guidance,
                           config=trainer.diffusion, model_kwargs={"y": jnp.full((3,), 4)})
     np.testing.assert_array_equal(got["arr_0"], images.to_uint8(want))
 
 
 def _glide_checkpoint(tmp, preset, vocab_size, **flags):
-    """A tiny random GLIDE model of `preset`'s class, saved as a .pt (torch) and converted."""
+    """A tiny random GLIDE model of `preset`'s class, saved as a .pt (with the tests' torch-free
+    writer: torch is optional) and converted."""
     import jax
-    import torch
 
     from diffjax.compat import glide_presets
     from diffjax.compat import glide_text2im as GT
@@ -108,15 +115,12 @@ def _glide_checkpoint(tmp, preset, vocab_size, **flags):
     # every caption and guidance scale give the same samples); no init to compile
     rng = np.random.default_rng(len(preset))
     variables = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), shapes)
-    pt = tmp / f"{preset}.pt"
-    torch.save({k: torch.from_numpy(v.copy())
-                for k, v in GT.variables_to_state_dict(module, variables).items()}, pt)
+    pt = state_dict_file(tmp / f"{preset}.pt", GT.variables_to_state_dict(module, variables))
     return convert.convert(pt, config, tmp / preset, progress=False)
 
 
 @pytest.fixture(scope="module")
 def glide(tmp_path_factory):
-    from diffjax import text2im
     from tests._tiny_glide import write_vocab
 
     tmp = tmp_path_factory.mktemp("glide")

@@ -1,11 +1,14 @@
-"""diffjax.text2im: GLIDE's sampling conventions checked against independent truths."""
+"""GLIDE's sampling conventions checked against independent truths."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from diffjax.core import schedules
-from diffjax import text2im
+from diffjax import conditioning as C
+from diffjax import images
 from diffjax.compat import glide_text2im as GT
+from diffjax.core import guidance as G
+from diffjax.core import schedules
 from diffjax.core.samplers import sample
 from tests._tiny_glide import TINY_FLAGS
 
@@ -13,7 +16,7 @@ from tests._tiny_glide import TINY_FLAGS
 def test_quantize_8bit_is_the_uint8_grid():
     levels = np.arange(256) / 127.5 - 1
     jitter = np.random.default_rng(0).uniform(-0.49, 0.49, 256) / 127.5
-    np.testing.assert_allclose(text2im.quantize_8bit(levels + jitter), levels, atol=1e-6)
+    np.testing.assert_allclose(C.quantize_8bit(levels + jitter), levels, atol=1e-6)
 
 
 def test_noise_scale_scales_x_T_of_a_linear_sampler():
@@ -29,12 +32,13 @@ def test_noise_scale_scales_x_T_of_a_linear_sampler():
 
 
 def test_resize_mask_is_torch_nearest():
-    import torch
+    torch = pytest.importorskip("torch", reason="torch is optional: the truth here is "
+                                "torch.nn.functional.interpolate itself")
 
     mask = (np.random.default_rng(1).random((1, 5, 7, 1)) > 0.5).astype(np.float32)
     want = torch.nn.functional.interpolate(torch.from_numpy(mask).permute(0, 3, 1, 2), (16, 16),
                                            mode="nearest").permute(0, 2, 3, 1).numpy()
-    np.testing.assert_array_equal(text2im.resize_mask(mask, 16), want)
+    np.testing.assert_array_equal(images.resize_mask(mask, 16), want)
 
 
 def test_text_guidance_is_uncond_plus_scale_times_difference():
@@ -50,8 +54,10 @@ def test_text_guidance_is_uncond_plus_scale_times_difference():
     apply = jax.jit(module.apply)
     cond = apply(variables, x, t, tokens=tokens, mask=mask)
     uncond = apply(variables, x, t, tokens=jnp.full_like(tokens, 19), mask=jnp.zeros_like(mask))
-    guidance = text2im.text_guidance(module, variables, 3.0, pad_token=19)
-    emb = text2im.text_embedding(module, variables, tokens, mask)
+    # GLIDE's unconditional branch: the empty caption's embedding (padding 19, mask all False)
+    guidance = G.classifier_free(3.0, {"text_emb": C.text_embedding(
+        (module, variables), *C.empty_caption(4, 19))})
+    emb = C.text_embedding((module, variables), tokens, mask)
     model_fn = lambda x_, t_, **kw: module.apply(variables, x_, t_, **kw)  # noqa: E731
     got = jax.jit(guidance.wrap_model(model_fn))(x, t, text_emb=emb)
     np.testing.assert_allclose(got[..., :3], uncond[..., :3] + 3.0 * (cond[..., :3] - uncond[..., :3]),

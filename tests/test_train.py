@@ -14,21 +14,31 @@ import ml_collections
 import numpy as np
 import pytest
 
-from diffjax.core import diffusion as D
+from diffjax import conditioning as C
 from diffjax import parallel
-from diffjax import train as T
+from diffjax.core import diffusion as D
+from diffjax.pipelines import training as T
+from diffjax.pipelines.evaluation import bpd
+from diffjax.pipelines.training import state as state_lib
 from tests._util import REPO
 
 
-def tiny_config(**train):
-    """A UNet of one 32-channel level on 8x8 grayscale images: compiles in seconds."""
+def tiny_config(conditioning="class", num_classes=3, label_dropout=0.0, small_size=0, **train):
+    """A UNet of one 32-channel level on 8x8 grayscale images: compiles in seconds.
+    conditioning "none" | "class" | "classifier_free" (labels dropped to the null label with
+    probability label_dropout), small_size > 0: a super-resolution model."""
     c = ml_collections.ConfigDict()
     c.data = dict(source="fashion_mnist", image_size=8, channels=1)
     c.model = dict(model_channels=32, num_res_blocks=0, channel_mult=(1,), attention_resolutions=(),
                    num_heads=1)
-    c.diffusion = dict(learn_sigma=True, diffusion_steps=100, noise_schedule="cosine")
-    c.train = dict(dict(task="diffusion", conditioning="class", num_classes=3, batch_size=8,
-                        total_steps=10, ema_rates=(0.9, 0.99)), **train)
+    c.diffusion = dict(beta_schedule="cosine", num_steps=100, variance="learned_range")
+    c.conditioning = {}
+    if conditioning != "none" or train.get("task") == "classifier":
+        c.conditioning["class"] = dict(num_classes=num_classes, dropout=label_dropout)
+    if small_size:
+        c.conditioning["low_res"] = dict(size=small_size)
+    c.train = dict(dict(task="diffusion", batch_size=8, total_steps=10, ema_rates=(0.9, 0.99)),
+                   **train)
     c.optim = dict(lr=1e-3, warmup_steps=2, schedule="cosine")
     return c
 
@@ -109,9 +119,9 @@ def test_ema_in_train_step_follows_the_params(class_cond):
 def test_area_downsample_is_block_mean():
     x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype(np.float32)
     want = x.reshape(2, 2, 4, 2, 4, 3).mean(axis=(2, 4))
-    np.testing.assert_allclose(T.area_downsample(jnp.asarray(x), 2), want, rtol=1e-6)
-    with pytest.raises(ValueError, match="small_size=3"):
-        T.area_downsample(jnp.asarray(x), 3)
+    np.testing.assert_allclose(C.area_downsample(jnp.asarray(x), 2), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="size=3"):
+        C.area_downsample(jnp.asarray(x), 3)
 
 
 # --------------------------------------------------------------------------- the step
@@ -196,7 +206,7 @@ def test_nonfinite_step_changes_nothing_but_the_counters(class_cond):
 def test_run_stops_after_max_bad_steps_and_keeps_the_last_checkpoint(tmp_path):
     """lr 1e30: the first update sends the weights to ~1e30, every later forward pass overflows;
     after max_bad_steps skipped steps the run stops, and the checkpoints hold finite weights."""
-    c = tiny_config(total_steps=40, max_bad_steps=3)
+    c = tiny_config(total_steps=40, max_bad_steps=3, num_classes=10)  # Fashion-MNIST's classes
     c.data = dict(source="fashion_mnist", image_size=32, channels=1)
     c.optim = dict(lr=1e30, grad_clip=0.0)
     c.checkpoint = dict(every=1, keep=2, async_save=False)
@@ -222,7 +232,9 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     import numpy as np
     sys.path.insert(0, {repo!r})
     from tests.test_train import tiny_config, toy_batch
-    from diffjax import parallel, train as T
+    from diffjax import parallel
+    from diffjax.pipelines import training as T
+    from diffjax.pipelines.training import state as state_lib
 
     trainer, _, _ = T.trainer_from_config(tiny_config(batch_size=16))
     batches = [{{k: v[None] for k, v in b.items()}} for b in (toy_batch(16), toy_batch(16, seed=1))]
@@ -230,7 +242,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     for name, devices, fsdp in (("one", jax.devices()[:1], 1), ("data8", jax.devices(), 1),
                                 ("data4_fsdp2", jax.devices(), 2)):
         mesh = parallel.make_mesh(fsdp, devices)
-        state, sh = T.create_state(trainer, mesh, jax.random.PRNGKey(0), fsdp_min_size=0)
+        state, sh = state_lib.create_state(trainer.init, mesh, jax.random.PRNGKey(0), fsdp_min_size=0)
         step = T.compile_steps(trainer, mesh, sh)
         losses = []
         for batch in batches:
@@ -289,36 +301,61 @@ def test_fsdp_spec_splits_the_largest_divisible_axis():
 # --------------------------------------------------------------------------- logging
 
 
+def _network_config(module):
+    from diffjax.models.registry import network_config
+
+    return network_config(module)
+
+
+def _crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), bit by bit: the TFRecord framing's checksum, written independently."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = _crc32c(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
 def test_crc32c_known_value():
-    assert T.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720 B.4)
+    assert _crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720 B.4)
 
 
 def test_metric_writer_writes_jsonl_and_an_event_file(tmp_path):
-    writer = T.MetricWriter(tmp_path, console=False)
+    from diffjax.pipelines.training.metrics import MetricWriter
+
+    writer = MetricWriter(tmp_path, console=False)
     writer.write_scalars(5, {"loss": 0.5})
     writer.close()
     assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 5, "loss": 0.5}
     data = next((tmp_path / "tensorboard").iterdir()).read_bytes()
     # TFRecord framing: length, masked crc of the length, data, masked crc of the data.
     length = int.from_bytes(data[:8], "little")
-    assert int.from_bytes(data[8:12], "little") == T._masked_crc(data[:8])
+    assert int.from_bytes(data[8:12], "little") == _masked_crc(data[:8])
     assert b"brain.Event:2" in data[12:12 + length]
     assert b"loss" in data[12 + length + 4:]
 
 
-def test_fine_tuning_starts_from_the_converted_weights(monkeypatch):
-    """init_from: the converted module and weights replace the config's model, the converted
-    diffusion flags replace the config's (sampling-time respacing dropped)."""
-    import diffjax.convert
+def test_fine_tuning_starts_from_the_converted_weights(tmp_path):
+    """init_from: the saved model's network and weights replace the config's model, its
+    diffusion replaces the config's (its sampling grid is not the training chain)."""
+    import diffjax
 
     source, _, _ = T.trainer_from_config(tiny_config(conditioning="none", num_classes=0))
     weights = source.init(jax.random.PRNGKey(42)).params
-    converted = ml_collections.ConfigDict(dict(diffusion=dict(
-        learn_sigma=True, diffusion_steps=50, noise_schedule="linear", timestep_respacing="25")))
-    monkeypatch.setattr(diffjax.convert, "load_converted",
-                        lambda path: (source.module, {"params": weights}, converted))
+    spec = diffjax.DiffusionSpec("linear", 50, variance="learned_range")
+    saved = diffjax.DiffusionModel(
+        network=_network_config(source.module), weights={"params": weights}, spec=spec,
+        image_shape=(8, 8, 1), sampling={"grid": "25"})
+    diffjax.save(saved, tmp_path / "model")
     c = tiny_config(conditioning="none", num_classes=0)
-    c.init_from = "/converted/model"
+    c.model, c.diffusion = {}, {}
+    c.init_from = str(tmp_path / "model")
     trainer, _, params = T.trainer_from_config(c)
     assert trainer.schedule.num_timesteps == 50 and trainer.schedule.original_num_steps == 50
     state = trainer.init(jax.random.PRNGKey(0), params=params)
@@ -333,14 +370,16 @@ def test_bpd_estimate_is_the_variational_bound():
     sums every term, on a 10-step chain. Both draw x_t at random: the means over 16 images are
     compared (a T vs T - 1 slip or a missing term would be off by >= 3 %)."""
     c = tiny_config(conditioning="none", num_classes=0)
-    c.diffusion = dict(learn_sigma=True, diffusion_steps=10, noise_schedule="cosine")
-    trainer, _, _ = T.trainer_from_config(c)
+    c.diffusion = dict(beta_schedule="cosine", num_steps=10, variance="learned_range")
+    experiment, trainer, _ = T.experiment_and_trainer(c)
     params = trainer.init(jax.random.PRNGKey(0)).params
     # Perturb the zero-initialised output conv so that the variance head matters.
     params = jax.tree.map(lambda p: p + 0.01 * jnp.sin(jnp.arange(p.size).reshape(p.shape)), params)
     x = jnp.asarray(toy_batch(16)["image"])
-    estimate = T.estimate_bpd(trainer, params, x, jnp.zeros(16, jnp.int32), jax.random.PRNGKey(1),
-                              t_per_image=400, batch=4000)
+    model = T.model_from_state(experiment, trainer.init(jax.random.PRNGKey(0))).replace(
+        weights={"params": params}, use="params")
+    estimate = bpd.estimate_bpd(model, x, jnp.zeros(16, jnp.int32), jax.random.PRNGKey(1),
+                                t_per_image=400, batch=4000)
 
     def model_fn(x_t, t):
         return trainer.module.apply({"params": params}, x_t, t)

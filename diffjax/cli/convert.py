@@ -39,10 +39,16 @@ def build_parser():
 
 
 def main(argv=None) -> int:
+    """Any failure is one `error:` line and a non-zero exit (SystemExit), never a traceback, and
+    nothing is written."""
     args = build_parser().parse_args(argv)
-    preset = convert.preset_config(args.preset, flags=args.flags, kind=args.kind,
-                                   family=args.family, num_classes=args.num_classes)
-    out = convert.convert(args.pt, preset, args.out, key=args.key, overwrite=args.overwrite,
-                             progress=not args.no_progress)
+    try:
+        preset = convert.preset_config(args.preset, flags=args.flags, kind=args.kind,
+                                       family=args.family, num_classes=args.num_classes)
+        out = convert.convert(args.pt, preset, args.out, key=args.key, overwrite=args.overwrite,
+                              progress=not args.no_progress)
+    except Exception as err:  # noqa: BLE001 - the one-line contract of this command
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        raise SystemExit(f"error: {message or type(err).__name__}") from None
     print(f"wrote {out} ({preset.model_class}, preset {preset.name})")
     return 0

@@ -15,13 +15,13 @@ def closest(name: str, valid: Iterable[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def check_keys(where: str, given: Iterable[str], valid: Iterable[str]) -> None:
+def check_keys(where: str, given: Iterable[str], valid: Iterable[str], what: str = "key") -> None:
     """Raise ValueError naming every key of `given` not in `valid`, each with its closest match."""
     valid = list(valid)
     unknown = [k for k in given if k not in valid]
     if unknown:
         named = "; ".join(f"{k!r}{closest(k, valid)}" for k in unknown)
-        raise ValueError(f"unknown key(s) in {where}: {named}. Valid keys: {', '.join(sorted(valid))}")
+        raise ValueError(f"unknown {what}(s) in {where}: {named}. Valid: {', '.join(sorted(valid))}")
 
 
 def check_choice(where: str, value, choices: Iterable[str]) -> None:
@@ -54,7 +54,7 @@ def from_dict(cls, values: Mapping[str, Any] | None, where: str | None = None, *
     the closest valid one). Lists become tuples, so frozen settings stay hashable."""
     values = dict(values.to_dict() if hasattr(values, "to_dict") else values or {})
     names = [f.name for f in dataclasses.fields(cls) if f.init]
-    check_keys(where or cls.__name__, values, names)
+    check_keys(where or cls.__name__, values, names, what=f"{cls.__name__} setting")
     values.update(overrides)
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 

@@ -33,6 +33,7 @@ from diffjax.core import fields
 from diffjax.io.loading import load
 
 ESTIMATORS = ("exact", "mc", "mc_uniform")
+MODEL_DIR = "model"  # where a training run exports its model
 
 
 def _float32(model: DiffusionModel) -> DiffusionModel:
@@ -131,6 +132,11 @@ def load_for_bpd(path, ema_index: int = 0, data: dict | None = None) -> ScoredMo
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {os.fspath(path)!r} does not exist: give a "
                                 f"training run directory or a saved or converted model")
+    run = (path / "checkpoints").is_dir() or (path / MODEL_DIR).is_dir()
+    if not run and not (data or {}).get("source"):  # only training runs know their data
+        raise ValueError(f"{os.fspath(path)!r} is not a training run, so it does not say what "
+                         f"data it models: pass --data-source (e.g. 'folder' with --data-path, "
+                         f"or 'tfds:imagenet2012')")
     model = load(path, ema=ema_index)
     if model.kind != "diffusion":
         raise ValueError(f"{path} holds a {model.kind} model: bits/dim needs a diffusion model")
