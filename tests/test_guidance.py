@@ -9,7 +9,7 @@ from diffjax.core import diffusion as D
 from diffjax.core import guidance as G
 from diffjax.core import schedules as S
 
-SAMPLERS = ["ddpm", "ddim", "dpm++2m", "heun"]
+SAMPLERS = ["ddpm", "ddim", "dpm++2m", "heun", "dpm++3m", "dpm++2s", "unipc", "ipndm"]
 SCHED = S.make_schedule("cosine", 1000, "8")
 CFG = D.DiffusionConfig(var_type="learned_range")
 SHAPE = (4, 8, 8, 3)

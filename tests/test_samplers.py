@@ -13,26 +13,7 @@ from diffjax.core import diffusion as D
 from diffjax.core import guidance as G
 from diffjax.core import samplers as SM
 from diffjax.core import schedules as S
-
-MU, STD = 0.3, 0.5
-X0_CFG = D.DiffusionConfig(mean_type="start_x", var_type="fixed_small")
-
-
-def gaussian_denoiser(sched):
-    """The exact E[x0 | x_t] for x0 ~ N(MU, STD^2), called with ORIGINAL timesteps."""
-    abar_of = jnp.zeros(sched.original_num_steps).at[sched.timestep_map].set(sched.alphas_cumprod)
-
-    def model_fn(x, t):
-        abar = abar_of[t].reshape(-1, *([1] * (x.ndim - 1)))
-        gain = STD**2 * jnp.sqrt(abar) / (abar * STD**2 + 1 - abar)
-        return MU + gain * (x - jnp.sqrt(abar) * MU)
-
-    return model_fn
-
-
-def exact_ode_end(sched, x_T):
-    abar = float(sched.alphas_cumprod[-1])
-    return MU + STD * (x_T - np.sqrt(abar) * MU) / np.sqrt(abar * STD**2 + 1 - abar)
+from tests._gaussian import MU, STD, X0_CFG, exact_ode_end, gaussian_denoiser
 
 
 def _run(sampler, steps, x_T, key=jax.random.PRNGKey(1), guidance=None):

@@ -9,6 +9,11 @@ where `ctx` (a `Context`) carries the schedule, the diffusion config, the model 
 `state` is the sampler's own carry (the previous x0 prediction for multistep solvers) and `noise`
 is an optional override of the noise the step would draw from `key` (for parity with stored noise).
 
+This module holds the guided denoiser (`denoise`), the ancestral sampler and DDIM, the loop, and
+`SAMPLERS`, the registry of every named sampler; the higher-order ODE solvers (DPM-Solver++,
+UniPC, iPNDM, Heun / EDM) and the `Sampler` base live in `diffjax.core.solvers`, below this module:
+they reach `denoise` as `ctx.denoise`, so the registry here can list them without an import cycle.
+
 Samplers are pytrees: numeric settings such as DDIM's eta are traced, so changing them does not
 recompile. Guidance transforms (`diffjax.core.guidance`) plug into every sampler: score gradients enter
 through `denoise(..., mode)`, projections after each step through the loop.
@@ -24,7 +29,9 @@ import numpy as np
 
 from diffjax.core import diffusion as D
 from diffjax.core import guidance as G
+from diffjax.core import solvers as SV
 from diffjax.core.schedules import Schedule
+from diffjax.core.solvers import Sampler, batch_timesteps, noise_like, nonzero_mask
 
 
 @flax.struct.dataclass
@@ -37,6 +44,10 @@ class Context:
     guidance: G.Transform
     config: D.DiffusionConfig = flax.struct.field(pytree_node=False)
     model_fn: Callable = flax.struct.field(pytree_node=False)
+
+    def denoise(self, x, t, mode: str = "score") -> dict:
+        """`denoise(self, x, t, mode)`: how the solvers, which sit below this module, call it."""
+        return denoise(self, x, t, mode)
 
 
 def denoise(ctx: Context, x, t, mode: str = "score") -> dict:
@@ -57,30 +68,6 @@ def denoise(ctx: Context, x, t, mode: str = "score") -> dict:
     return G.condition_score(sched, out, x, t, gradient)
 
 
-def _batch_t(x, t):
-    """Timesteps as [B] int32: a scalar t (the loop) or per-example t (GD's single steps)."""
-    return jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
-
-
-def _nonzero(tb, x):
-    """[B, 1, ..., 1] float mask of t != 0 (no noise is added at the last step)."""
-    return (tb != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
-
-
-def _noise(key, x, noise):
-    return jax.random.normal(key, x.shape, x.dtype) if noise is None else noise
-
-
-class Sampler:
-    """Base: stateless samplers carry an empty dict."""
-
-    name = "sampler"
-    evaluations_per_step = 1
-
-    def init(self, x):
-        return {}
-
-
 @flax.struct.dataclass
 class DDPM(Sampler):
     """Ancestral sampling (Ho et al. 2020, Alg. 2): x_{t-1} = mu(x_t, t) + sigma_t z, no noise at
@@ -89,10 +76,10 @@ class DDPM(Sampler):
     name = "ddpm"
 
     def step(self, ctx, state, x, t, key, noise=None):
-        tb = _batch_t(x, t)
+        tb = batch_timesteps(x, t)
         out = denoise(ctx, x, tb, mode="mean")
-        z = _noise(key, x, noise)
-        sample = out["mean"] + _nonzero(tb, x) * jnp.exp(0.5 * out["log_variance"]) * z
+        z = noise_like(key, x, noise)
+        sample = out["mean"] + nonzero_mask(tb, x) * jnp.exp(0.5 * out["log_variance"]) * z
         return sample, state, out["pred_xstart"]
 
 
@@ -108,7 +95,7 @@ class DDIM(Sampler):
 
     def step(self, ctx, state, x, t, key, noise=None):
         sched = ctx.schedule
-        tb = _batch_t(x, t)
+        tb = batch_timesteps(x, t)
         out = denoise(ctx, x, tb, mode="score")
         eps = D.predict_eps_from_xstart(sched, x, tb, out["pred_xstart"])
         abar = D.extract(sched.alphas_cumprod, tb, x.ndim)
@@ -116,96 +103,19 @@ class DDIM(Sampler):
         sigma = (self.eta * jnp.sqrt((1 - abar_prev) / (1 - abar))
                  * jnp.sqrt(1 - abar / abar_prev))
         mean = out["pred_xstart"] * jnp.sqrt(abar_prev) + jnp.sqrt(1 - abar_prev - sigma**2) * eps
-        sample = mean + _nonzero(tb, x) * sigma * _noise(key, x, noise)
+        sample = mean + nonzero_mask(tb, x) * sigma * noise_like(key, x, noise)
         return sample, state, out["pred_xstart"]
 
 
-@flax.struct.dataclass
-class DPMSolverPP2M(Sampler):
-    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2), the multistep second-order solver of the
-    diffusion ODE in data prediction, on the discrete schedule. With alpha_t = sqrt(abar_t),
-    sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t), h_i = lambda_{t_i} - lambda_{t_{i-1}}:
-
-        x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i,
-        D_i = (1 + 1/(2 r_i)) x0_{i-1} - 1/(2 r_i) x0_{i-2},  r_i = h_{i-1} / h_i,
-
-    with D = x0_{i-1} (first order) at the first step and at the final step to the data (sigma = 0,
-    where it returns the x0 prediction). Classifier guidance enters as GD's condition_score.
-    The solver prefers levels spaced evenly in lambda; GD's evenly-in-t respacings put a long last
-    step after short ones (r_i ~ 0.2 at 10 cosine steps), where DDIM can still be as accurate."""
-
-    name = "dpm++2m"
-
-    def init(self, x):
-        per_example = (x.shape[0],) + (1,) * (x.ndim - 1)
-        return {"x0": jnp.zeros_like(x), "h": jnp.zeros(per_example, x.dtype),
-                "count": jnp.zeros((), jnp.int32)}
-
-    def step(self, ctx, state, x, t, key, noise=None):
-        sched = ctx.schedule
-        tb = _batch_t(x, t)
-        x0 = denoise(ctx, x, tb, mode="score")["pred_xstart"]
-        abar = D.extract(sched.alphas_cumprod, tb, x.ndim)
-        abar_next = D.extract(sched.alphas_cumprod_prev, tb, x.ndim)
-        alpha_next, sigma, sigma_next = jnp.sqrt(abar_next), jnp.sqrt(1 - abar), jnp.sqrt(1 - abar_next)
-        # lambda = log(alpha / sigma) = 0.5 log(abar / (1 - abar)); +inf at the data (t == 0).
-        lam = 0.5 * (jnp.log(abar) - jnp.log1p(-abar))
-        lam_next = 0.5 * (jnp.log(abar_next) - jnp.log1p(-abar_next))
-        h = lam_next - lam
-        second = (state["count"] > 0) & (_nonzero(tb, x) > 0)
-        r = jnp.where(second, state["h"] / jnp.where(second, h, 1.0), 1.0)
-        d = jnp.where(second, (1 + 0.5 / r) * x0 - (0.5 / r) * state["x0"], x0)
-        sample = (sigma_next / sigma) * x - alpha_next * jnp.expm1(-h) * d
-        return sample, {"x0": x0, "h": h, "count": state["count"] + 1}, x0
-
-
-@flax.struct.dataclass
-class Heun(Sampler):
-    """Heun's second-order method (Karras et al. 2022, Alg. 1 with S_churn = 0) on the discrete
-    schedule. In the variance-exploding variables x~ = x / sqrt(abar), s_t = sqrt((1 - abar_t) /
-    abar_t) the probability-flow ODE is dx~/ds = (x~ - D(x~; s)) / s, D the x0 prediction:
-
-        d = (x~_t - D_t) / s_t,  x~' = x~_t + (s_{t-1} - s_t) d,
-        x~_{t-1} = x~_t + (s_{t-1} - s_t) (d + d') / 2,  d' = (x~' - D(x~'; s_{t-1})) / s_{t-1},
-
-    an Euler step (to the x0 prediction) at the last step, where s = 0. Euler steps (which are
-    DDIM steps) are also taken from levels above `sigma_max`: GD's cosine schedule starts at
-    s ~ 2e4, where the trapezoid multiplies the error of d' by s / s_{t-1}; EDM treats those
-    models the same way by starting at sigma ~ 80 (it skips their 8 noisiest steps). Two model
-    evaluations per step below sigma_max."""
-
-    sigma_max: Any = 80.0
-    name = "heun"
-    evaluations_per_step = 2
-
-    def step(self, ctx, state, x, t, key, noise=None):
-        sched = ctx.schedule
-        tb = _batch_t(x, t)
-        abar = D.extract(sched.alphas_cumprod, tb, x.ndim)
-        abar_next = D.extract(sched.alphas_cumprod_prev, tb, x.ndim)
-        s, s_next = jnp.sqrt((1 - abar) / abar), jnp.sqrt((1 - abar_next) / abar_next)
-        x0 = denoise(ctx, x, tb, mode="score")["pred_xstart"]
-        xv = x / jnp.sqrt(abar)
-        d = (xv - x0) / s
-        euler = xv + (s_next - s) * d
-        more = (_nonzero(tb, x) > 0) & (s <= self.sigma_max)
-
-        def correct(_):
-            x_mid = euler * jnp.sqrt(abar_next)
-            x0_mid = denoise(ctx, x_mid, jnp.maximum(tb - 1, 0), mode="score")["pred_xstart"]
-            d_mid = (euler - x0_mid) / jnp.where(more, s_next, 1.0)
-            return jnp.where(more, xv + (s_next - s) * 0.5 * (d + d_mid), euler)
-
-        # Euler-only steps (the last one, and those above sigma_max) skip the second model call.
-        xv_next = jax.lax.cond(jnp.any(more), correct, lambda _: euler, None)
-        return xv_next * jnp.sqrt(abar_next), state, x0
-
-
-SAMPLERS = {"ddpm": DDPM, "ddim": DDIM, "dpm++2m": DPMSolverPP2M, "heun": Heun}
+# Every named sampler, the original four first (messages and CLI choices list them in this order).
+SAMPLERS = {"ddpm": DDPM, "ddim": DDIM, "dpm++2m": SV.DPMSolverPP2M, "heun": SV.Heun,
+            "dpm++3m": SV.DPMSolverPP3M, "dpm++2s": SV.DPMSolverPP2S, "unipc": SV.UniPC,
+            "ipndm": SV.IPNDM}
 
 
 def get_sampler(sampler: str | Sampler, **kwargs) -> Sampler:
-    """A sampler instance from its name ("ddpm", "ddim", "dpm++2m", "heun") or itself."""
+    """A sampler instance from its name (a key of SAMPLERS, e.g. "ddim", "dpm++3m", "unipc") with
+    its settings as keyword arguments, or the instance itself."""
     if isinstance(sampler, Sampler):
         return sampler
     if sampler not in SAMPLERS:
@@ -302,7 +212,7 @@ def ddim_reverse_step(ctx: Context, x, t):
     """x_{t+1} from x_t along the deterministic DDIM path (GD's ddim_reverse_sample): x0 and eps
     at t, then x_{t+1} = sqrt(abar_{t+1}) x0 + sqrt(1 - abar_{t+1}) eps. Returns (x_{t+1}, x0)."""
     sched = ctx.schedule
-    tb = _batch_t(x, t)
+    tb = batch_timesteps(x, t)
     out = denoise(ctx, x, tb, mode="score")
     eps = D.predict_eps_from_xstart(sched, x, tb, out["pred_xstart"])
     abar_next = D.extract(sched.alphas_cumprod_next, tb, x.ndim)
@@ -386,7 +296,8 @@ def sample(
         `apply_fn(variables, x, t, **kw)` — or a plain `model_fn(x, t, **kw)`; t is the original
         timestep. Prefer the pair: its variables are traced, while a plain function is a static
         argument (a new closure each call recompiles).
-    sampler: "ddpm" | "ddim" | "dpm++2m" | "heun" or an instance (e.g. `DDIM(eta=0.5)`).
+    sampler: a name of SAMPLERS ("ddpm", "ddim", "dpm++2m", "dpm++3m", "dpm++2s", "unipc",
+        "ipndm", "heun") or an instance (e.g. `DDIM(eta=0.5)`, `solvers.Heun(s_churn=40.0)`).
     guidance: a `diffjax.core.guidance` transform or chain; scales, masks, references are traced.
     model_kwargs: conditioning arrays with a leading batch dim (e.g. {"y": labels}).
     noise_scale: the drawn x_T is noise_scale * N(0, I) (traced; GLIDE's upsample_temp = 0.997 for

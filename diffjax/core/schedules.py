@@ -7,7 +7,8 @@ gathered values to float32 (`_extract_into_tensor`), which is the same number.
 
 Sources: linear schedule (Ho et al. 2020, extended to any T by GD); cosine schedule (Nichol &
 Dhariwal 2021, eq. 17, with beta capped at 0.999); respacing (Nichol & Dhariwal 2021, sec. 4:
-betas of the kept steps re-derived from ratios of alpha-bar).
+betas of the kept steps re-derived from ratios of alpha-bar); the continuous-time view
+(`vp_marginals`: alpha_t, sigma_t, lambda_t, as Kingma et al. 2021 and Lu et al. 2022 write them).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import re
 from typing import Callable, Iterable, Sequence
 
 import flax.struct
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -201,6 +203,30 @@ def schedule_tables(betas: np.ndarray) -> dict[str, np.ndarray]:
         "recip_posterior_mean_coef1": 1.0 / coef1,
         "posterior_mean_coef2_over_coef1": coef2 / coef1,
     }
+
+
+def vp_marginals(alphas_cumprod):
+    """The continuous-time view of a discrete chain: x_t = alpha_t x_0 + sigma_t eps with
+
+        alpha_t = sqrt(abar_t),  sigma_t = sqrt(1 - abar_t),  lambda_t = log(alpha_t / sigma_t),
+
+    the variance-preserving SDE's marginals (Song et al. 2021) and the half log-SNR lambda that
+    DPM-Solver (Lu et al. 2022) integrates in; EDM's noise level (Karras et al. 2022) is
+    sigma_t / alpha_t = exp(-lambda_t). The chain's timesteps are samples of these curves: the
+    models here are trained on integer timesteps only, so solvers and time grids evaluate them at
+    training timesteps and never in between.
+
+    alphas_cumprod: [...] in (0, 1]. A jax array gives jax arrays (traced inside a sampler), anything
+    else float64 numpy (grids on the host). lambda = +inf where abar = 1 (the data).
+    Returns (alpha, sigma, lambda), each shaped like alphas_cumprod."""
+    if isinstance(alphas_cumprod, jax.Array):
+        abar = alphas_cumprod
+        log_snr = jnp.log(abar) - jnp.log1p(-abar)
+        return jnp.sqrt(abar), jnp.sqrt(1 - abar), 0.5 * log_snr
+    abar = np.asarray(alphas_cumprod, np.float64)
+    with np.errstate(divide="ignore"):
+        log_snr = np.log(abar) - np.log1p(-abar)
+    return np.sqrt(abar), np.sqrt(1 - abar), 0.5 * log_snr
 
 
 @flax.struct.dataclass
