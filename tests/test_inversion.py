@@ -119,13 +119,18 @@ def test_fixed_point_inversion_then_decoding_returns_the_data(schedule, steps):
         assert np.abs(np.asarray(explicit) - np.asarray(x0)).max() > 1e-3
 
 
+def float64_schedule(name: str, steps: int) -> S.Schedule:
+    """make_schedule(name, 1000, str(steps)) with float64 tables (call under jax.enable_x64):
+    float32 tables are each rounded on their own, which alone leaves ~1e-7 between them."""
+    timestep_map = np.asarray(S.make_schedule(name, 1000, str(steps)).timestep_map)
+    betas, _ = S.respace_betas(S.get_named_beta_schedule(name, 1000), timestep_map)
+    return S.Schedule(**{k: jnp.asarray(v, jnp.float64) for k, v in S.schedule_tables(betas).items()},
+                      timestep_map=jnp.asarray(timestep_map, jnp.int32), original_num_steps=1000)
+
+
 def test_fixed_point_inversion_is_exact_in_float64():
     with jax.enable_x64(True):
-        timestep_map = np.asarray(S.make_schedule("cosine", 1000, "10").timestep_map)
-        betas, _ = S.respace_betas(S.get_named_beta_schedule("cosine", 1000), timestep_map)
-        # float64 tables: float32 ones are each rounded on their own, which alone leaves ~1e-7
-        sched = S.Schedule(**{k: jnp.asarray(v) for k, v in S.schedule_tables(betas).items()},
-                           timestep_map=jnp.asarray(timestep_map, jnp.int32), original_num_steps=1000)
+        sched = float64_schedule("cosine", 10)
         x0 = MU + STD * jax.random.normal(jax.random.PRNGKey(3), (64, 4, 4, 1), jnp.float64)
         ctx = context(sched, gaussian_denoiser(sched, bend=True))
         for t_stop in (4, 9):

@@ -241,6 +241,40 @@ class _Progress:
             self.bar = None
 
 
+def _checkpointed_scan(body, carry, inputs, segments: int | None):
+    """`lax.scan(body, carry, inputs)`; with `segments`, the same loop cut into that many segments
+    of ceil(N / segments) steps (the last one shorter), run as an outer scan whose body, the inner
+    scan over one segment, is `jax.checkpoint`ed. Reverse-mode differentiation then keeps only the
+    carry at each segment's start and recomputes the segment's steps in the backward pass
+    (two-level checkpointing: Griewank 1992, Chen et al. 2016): memory for O(segments + N /
+    segments) steps instead of O(N), O(sqrt N) at segments = sqrt N, for one more forward pass.
+    Without differentiation the result and the cost are those of the plain scan."""
+    if segments is None:
+        return jax.lax.scan(body, carry, inputs)
+    num_steps = jax.tree.leaves(inputs)[0].shape[0]
+    length = -(-num_steps // segments)
+    full = num_steps // length
+    segment = jax.checkpoint(lambda c, xs: jax.lax.scan(body, c, xs))
+    head = jax.tree.map(lambda a: a[: full * length].reshape((full, length) + a.shape[1:]), inputs)
+    carry, ys = jax.lax.scan(segment, carry, head)
+    ys = jax.tree.map(lambda a: a.reshape((full * length,) + a.shape[2:]), ys)
+    if full * length < num_steps:
+        carry, tail = segment(carry, jax.tree.map(lambda a: a[full * length:], inputs))
+        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
+    return carry, ys
+
+
+def _num_segments(checkpoint_segments, num_steps: int) -> int | None:
+    if checkpoint_segments is None:
+        return None
+    if checkpoint_segments == "sqrt":
+        return max(1, round(np.sqrt(num_steps)))
+    if isinstance(checkpoint_segments, (int, np.integer)) and checkpoint_segments >= 1:
+        return int(checkpoint_segments)
+    raise ValueError(f"checkpoint_segments={checkpoint_segments!r}: use None (no checkpointing), "
+                     "'sqrt' (about sqrt(steps) segments) or a number of segments >= 1")
+
+
 def sample_loop(
     ctx: Context,
     sampler: Sampler,
@@ -251,6 +285,7 @@ def sample_loop(
     progress: bool = False,
     intermediates: bool = False,
     start_level: int | None = None,
+    checkpoint_segments: int | str | None = None,
 ):
     """Run `sampler` from x_T [B, ...] at level T-1 down to the data, as one lax.scan (jit the
     caller). The walk over levels comes from the guidance (RePaint) or is the plain descent; a
@@ -259,7 +294,11 @@ def sample_loop(
     step s. Returns x_0, or (x_0, {"sample": [S, B, ...], "pred_xstart": [S, B, ...]}).
 
     start_level: x_T is x at this level (0 <= start_level <= T-1) and the walk starts at its first
-        visit there: decoding from `ddim_invert(..., t_stop=start_level)`, or SDEdit."""
+        visit there: decoding from `ddim_invert(..., t_stop=start_level)`, or SDEdit.
+    checkpoint_segments: for jax.grad through the loop, "sqrt" (~sqrt(S) segments) or a number of
+        segments: the backward pass stores the carries at segment boundaries and recomputes the
+        steps inside each segment, so memory grows as sqrt(S), not S (see `_checkpointed_scan`).
+        None (default): a plain scan."""
     sched = ctx.schedule
     walk = ctx.guidance.levels(sched.num_timesteps)
     has_jumps = walk is not None
@@ -275,6 +314,7 @@ def sample_loop(
             f"step_noise has {step_noise.shape[0]} steps; this loop takes {num_steps} "
             f"(shape [{num_steps}, *x.shape])"
         )
+    segments = _num_segments(checkpoint_segments, num_steps)
     bar = _Progress(num_steps, f"{getattr(sampler, 'name', 'sampling')} x{num_steps}") if progress else None
 
     def down(x, state, frm, to, key, noise):
@@ -301,7 +341,7 @@ def sample_loop(
     walk = jnp.asarray(walk)
     inputs = (jnp.arange(num_steps), walk[:, 0], walk[:, 1], jax.random.split(key, num_steps),
               step_noise)
-    (x, _), history = jax.lax.scan(body, (x_T, sampler.init(x_T)), inputs)
+    (x, _), history = _checkpointed_scan(body, (x_T, sampler.init(x_T)), inputs, segments)
     if intermediates:
         return x, {"sample": history[0], "pred_xstart": history[1]}
     return x
@@ -409,7 +449,8 @@ def _data_sharding(batch: int):
 
 
 def _sample_impl(key, variables, schedule, sampler, guidance, model_kwargs, clip_denoised, x_T,
-                 noise_scale=1.0, *, apply, shape, config, progress, intermediates):
+                 noise_scale=1.0, *, apply, shape, config, progress, intermediates,
+                 checkpoint_segments=None):
     key_x, key_loop = jax.random.split(key)
     x = noise_scale * jax.random.normal(key_x, shape, jnp.float32) if x_T is None else x_T
     shardings = _data_sharding(shape[0])
@@ -417,11 +458,13 @@ def _sample_impl(key, variables, schedule, sampler, guidance, model_kwargs, clip
         x = jax.lax.with_sharding_constraint(x, shardings[0])
     ctx = Context(schedule=schedule, model_kwargs=model_kwargs, clip_denoised=clip_denoised,
                   guidance=guidance, config=config, model_fn=_as_model_fn(apply, variables))
-    return sample_loop(ctx, sampler, x, key_loop, progress=progress, intermediates=intermediates)
+    return sample_loop(ctx, sampler, x, key_loop, progress=progress, intermediates=intermediates,
+                       checkpoint_segments=checkpoint_segments)
 
 
 _sample_jit = jax.jit(
-    _sample_impl, static_argnames=("apply", "shape", "config", "progress", "intermediates")
+    _sample_impl,
+    static_argnames=("apply", "shape", "config", "progress", "intermediates", "checkpoint_segments"),
 )
 
 
@@ -440,6 +483,7 @@ def sample(
     progress: bool = False,
     return_intermediates: bool = False,
     noise_scale=1.0,
+    gradient_checkpointing: bool = False,
 ):
     """Draw samples [*shape] (NHWC) with one jit-compiled loop.
 
@@ -452,6 +496,10 @@ def sample(
     model_kwargs: conditioning arrays with a leading batch dim (e.g. {"y": labels}).
     noise_scale: the drawn x_T is noise_scale * N(0, I) (traced; GLIDE's upsample_temp = 0.997 for
         its upsampler); the noise of the steps themselves is not scaled, as in GLIDE. Not with x_T.
+    gradient_checkpointing: for jax.grad of a loss on the samples with respect to x_T, the
+        variables, model_kwargs or the guidance's scales: the loop keeps ~sqrt(steps) carries
+        and recomputes the steps between them in the backward pass (memory O(sqrt(steps)) instead
+        of O(steps), one more forward pass); the samples are the same.
     The batch is sharded across all devices when there are several and it divides evenly.
     """
     if x_T is not None and not (isinstance(noise_scale, (int, float)) and noise_scale == 1.0):
@@ -473,4 +521,5 @@ def sample(
         traced = (*traced, x_T)
         noise_scale = jax.device_put(noise_scale, replicated)
     return _sample_jit(*traced, noise_scale, apply=apply, shape=tuple(shape), config=config,
-                       progress=progress, intermediates=return_intermediates)
+                       progress=progress, intermediates=return_intermediates,
+                       checkpoint_segments="sqrt" if gradient_checkpointing else None)
