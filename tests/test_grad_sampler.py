@@ -27,7 +27,9 @@ def apply(v, x, t, cond):
 
 def problem(dtype, batch=2, size=3, channels=2, hidden=8, embed=3):
     keys = jax.random.split(jax.random.PRNGKey(0), 8)
-    normal = lambda k, shape, s: s * jax.random.normal(k, shape, dtype)  # noqa: E731
+    def normal(key, shape, scale):
+        return scale * jax.random.normal(key, shape, dtype)
+
     variables = {"w1": normal(keys[0], (channels, hidden), 0.7), "b1": normal(keys[1], (hidden,), 0.1),
                  "wc": normal(keys[2], (embed, hidden), 0.5), "temb": normal(keys[3], (hidden,), 1.0),
                  "w2": normal(keys[4], (hidden, channels), 0.5)}
@@ -51,30 +53,29 @@ def loss_fn(sampler, sched, target, checkpointing=True, guidance=None):
     return loss
 
 
+def directional_derivatives(loss, grads, inputs, name, key, h=1e-5):
+    """(<grad, d>, (L(p + h d) - L(p - h d)) / 2h) along a random direction d of inputs[name]."""
+    leaves, tree = jax.tree.flatten(inputs[name])
+    keys = jax.random.split(key, len(leaves))
+    direction = tree.unflatten([jax.random.normal(k, a.shape, a.dtype) for k, a in zip(keys, leaves)])
+    moved = [{**inputs, name: jax.tree.map(lambda a, d, s=s: a + s * d, inputs[name], direction)}
+             for s in (h, -h)]
+    exact = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads[name]), jax.tree.leaves(direction)))
+    return float(exact), float((loss(moved[0]) - loss(moved[1])) / (2 * h))
+
+
 @pytest.mark.parametrize("sampler", sorted(SM.SAMPLERS))
 def test_gradient_through_the_checkpointed_loop_matches_finite_differences(sampler):
     """7 steps: segments of 3, 3 and a shorter last one. Batch 4: sharded over the 4 test devices."""
     with jax.enable_x64(True):
         inputs, target = problem(jnp.float64, batch=4)
         loss = loss_fn(sampler, float64_schedule("cosine", 7), target)
-        grads = jax.jit(jax.grad(loss))(inputs)
-        loss = jax.jit(loss)
-        h = 1e-5
+        grads, loss = jax.jit(jax.grad(loss))(inputs), jax.jit(loss)
         for i, name in enumerate(INPUTS):
-            leaves, tree = jax.tree.flatten(inputs[name])
-            keys = jax.random.split(jax.random.PRNGKey(10 + i), len(leaves))
-            direction = tree.unflatten([jax.random.normal(k, a.shape, a.dtype)
-                                        for k, a in zip(keys, leaves)])
-
-            def moved(step):
-                return {**inputs, name: jax.tree.map(lambda a, d: a + step * d, inputs[name],
-                                                     direction)}
-
-            fd = (loss(moved(h)) - loss(moved(-h))) / (2 * h)
-            exact = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads[name]),
-                                                       jax.tree.leaves(direction)))
-            assert abs(float(fd)) > 1e-3, (name, fd)
-            assert abs(float(exact - fd)) < 1e-6 * abs(float(fd)), (name, float(exact), float(fd))
+            exact, fd = directional_derivatives(loss, grads, inputs, name,
+                                                jax.random.PRNGKey(10 + i))
+            assert abs(fd) > 1e-3, (name, fd)
+            assert abs(exact - fd) < 1e-6 * abs(fd), (name, exact, fd)
 
 
 def test_checkpointing_changes_no_number():
