@@ -114,7 +114,7 @@ def test_checkpointed_gradient_memory_grows_as_the_square_root_of_the_steps():
 def test_checkpoint_segments_are_checked():
     sched = S.make_schedule("linear", 1000, "4")
     ctx = SM.Context(sched, {}, False, G.chain(), CONFIG, lambda x, t: jnp.tanh(x))
-    for bad in (0, "log"):
+    for bad in (0, "log", True):
         with pytest.raises(ValueError, match="checkpoint_segments="):
             SM.sample_loop(ctx, SM.DDIM(), jnp.zeros((1, 2, 2, 1)), jax.random.PRNGKey(0),
                            checkpoint_segments=bad)

@@ -242,9 +242,9 @@ class _Progress:
 
 
 def _checkpointed_scan(body, carry, inputs, segments: int | None):
-    """`lax.scan(body, carry, inputs)`; with `segments`, the same loop cut into that many segments
-    of ceil(N / segments) steps (the last one shorter), run as an outer scan whose body, the inner
-    scan over one segment, is `jax.checkpoint`ed. Reverse-mode differentiation then keeps only the
+    """`lax.scan(body, carry, inputs)`; with `segments`, the same loop cut into segments of
+    ceil(N / segments) steps (at most `segments` of them, the last one possibly shorter), run as an
+    outer scan whose body, the inner scan over one segment, is `jax.checkpoint`ed. Reverse-mode differentiation then keeps only the
     carry at each segment's start and recomputes the segment's steps in the backward pass
     (two-level checkpointing: Griewank 1992, Chen et al. 2016): memory for O(segments + N /
     segments) steps instead of O(N), O(sqrt N) at segments = sqrt N, for one more forward pass.
@@ -269,7 +269,8 @@ def _num_segments(checkpoint_segments, num_steps: int) -> int | None:
         return None
     if checkpoint_segments == "sqrt":
         return max(1, round(np.sqrt(num_steps)))
-    if isinstance(checkpoint_segments, (int, np.integer)) and checkpoint_segments >= 1:
+    if (isinstance(checkpoint_segments, (int, np.integer)) and not isinstance(checkpoint_segments, bool)
+            and checkpoint_segments >= 1):
         return int(checkpoint_segments)
     raise ValueError(f"checkpoint_segments={checkpoint_segments!r}: use None (no checkpointing), "
                      "'sqrt' (about sqrt(steps) segments) or a number of segments >= 1")
