@@ -246,8 +246,9 @@ def _checkpointed_scan(body, carry, inputs, segments: int | None):
     ceil(N / segments) steps (at most `segments` of them, the last one possibly shorter), run as an
     outer scan whose body, the inner scan over one segment, is `jax.checkpoint`ed. Reverse-mode
     differentiation then keeps only the carry at each segment's start and recomputes the
-    segment's steps in the backward pass (two-level checkpointing: Griewank 1992, Chen et al. 2016): memory for O(segments + N /
-    segments) steps instead of O(N), O(sqrt N) at segments = sqrt N, for one more forward pass.
+    segment's steps in the backward pass (two-level checkpointing: Griewank 1992, Chen et al.
+    2016): memory for O(segments + N / segments) steps instead of O(N), O(sqrt N) at segments =
+    sqrt N, for one more forward pass.
     Without differentiation the result and the cost are those of the plain scan."""
     if segments is None:
         return jax.lax.scan(body, carry, inputs)
