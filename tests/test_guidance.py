@@ -4,10 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import diffjax
 from diffjax.core import diffusion as D
 from diffjax.core import guidance as G
 from diffjax.core import schedules as S
+from diffjax.core import samplers as SM_core  # the loop itself (diffjax.sample takes a model)
+from tests.test_resize import reference_imresize
 
 SAMPLERS = ["ddpm", "ddim", "dpm++2m", "heun", "dpm++3m", "dpm++2s", "unipc", "ipndm"]
 SCHED = S.make_schedule("cosine", 1000, "8")
@@ -31,7 +32,7 @@ def toy_logits(x, t):
 
 def run(sampler, guidance=None, y=None, key=KEY):
     kw = {} if y is None else {"y": y}
-    return np.asarray(diffjax.sample(key, toy_model, SCHED, SHAPE, sampler=sampler,
+    return np.asarray(SM_core.sample(key, toy_model, SCHED, SHAPE, sampler=sampler,
                                      guidance=guidance, config=CFG, model_kwargs=kw))
 
 
@@ -118,6 +119,42 @@ def test_ilvr_matches_the_reference_at_low_frequencies():
     guided = run("ddpm", G.ilvr(ref, 4))
     low = lambda a: np.asarray(G.low_pass(jnp.asarray(a), 4))  # noqa: E731
     assert np.abs(low(guided) - low(ref)).mean() < 0.2 * np.abs(low(free) - low(ref)).mean()
+
+
+
+def test_ilvr_filters_with_the_official_resizer_by_default():
+    """x <- x - phi(x) + phi(y_level), phi = up(down(.)) with MATLAB's imresize (the official ILVR
+    code's Resizer), checked against the per-pixel float64 definition, borders included."""
+    shape = (2, 8, 8, 2)
+    ref = jax.random.uniform(jax.random.PRNGKey(5), shape, minval=-1, maxval=1)
+    x = jax.random.normal(KEY, shape)
+    key, level = jax.random.PRNGKey(7), 4
+    target = np.asarray(D.q_sample(SCHED, ref, jnp.full(2, level), jax.random.normal(key, shape)))
+
+    def phi(a):
+        out = np.empty(a.shape)
+        for b, c in np.ndindex(a.shape[0], a.shape[3]):
+            small = reference_imresize(np.asarray(a[b, :, :, c], np.float64), (4, 4))
+            out[b, :, :, c] = reference_imresize(small, (8, 8))
+        return out
+
+    expected = np.asarray(x) - phi(np.asarray(x)) + phi(target)
+    np.testing.assert_allclose(G.ilvr(ref, 2).post_step(x, level, key, SCHED), expected, atol=2e-5)
+
+
+def test_ilvr_jax_resizer_differs_only_near_the_borders():
+    shape, factor = (2, 32, 32, 1), 2
+    ref = jax.random.uniform(jax.random.PRNGKey(5), shape, minval=-1, maxval=1)
+    x = jax.random.normal(KEY, shape)
+    key, level = jax.random.PRNGKey(7), 3
+    official = np.asarray(G.ilvr(ref, factor).post_step(x, level, key, SCHED))
+    other = np.asarray(G.ilvr(ref, factor, resizer="jax").post_step(x, level, key, SCHED))
+    band = 4 * factor  # the two filters share every tap from 3.5 factor pixels in
+    np.testing.assert_allclose(other[:, band:-band, band:-band], official[:, band:-band, band:-band],
+                               atol=1e-5)
+    assert np.abs(other - official)[:, :factor].max() > 0.05
+    with pytest.raises(ValueError, match="resizer='bilinear' does not exist"):
+        G.ilvr(ref, factor, resizer="bilinear")
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)

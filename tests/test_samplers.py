@@ -8,17 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import diffjax
 from diffjax.core import diffusion as D
 from diffjax.core import guidance as G
 from diffjax.core import samplers as SM
 from diffjax.core import schedules as S
+from diffjax.core import samplers as SM_core  # the loop itself (diffjax.sample takes a model)
 from tests._gaussian import MU, STD, X0_CFG, exact_ode_end, gaussian_denoiser
 
 
 def _run(sampler, steps, x_T, key=jax.random.PRNGKey(1), guidance=None):
     sched = S.make_schedule("cosine", 1000, str(steps))
-    out = diffjax.sample(key, gaussian_denoiser(sched), sched, x_T.shape, sampler=sampler,
+    out = SM_core.sample(key, gaussian_denoiser(sched), sched, x_T.shape, sampler=sampler,
                          config=X0_CFG, clip_denoised=False, x_T=x_T, guidance=guidance)
     return sched, np.asarray(out)
 
@@ -89,7 +89,7 @@ def test_changing_traced_settings_never_recompiles():
             G.ilvr(known + i, 2, t_range=(i, 9)),
             G.inpaint(mask + 0.5 * i, known - i),
         )
-        diffjax.sample(jax.random.PRNGKey(i), (apply, {"w": variables["w"] * (i + 1)}), sched,
+        SM_core.sample(jax.random.PRNGKey(i), (apply, {"w": variables["w"] * (i + 1)}), sched,
                        (4, 8, 8, 3), sampler=sampler, guidance=guidance, config=cfg,
                        model_kwargs={"y": jnp.arange(4) + i}, clip_denoised=bool(i))
     assert SM._sample_jit._cache_size() - before == 1
@@ -98,7 +98,7 @@ def test_changing_traced_settings_never_recompiles():
 def test_progress_bar_counts_every_step(capfd):
     sched = S.make_schedule("cosine", 100, "7")
     for _ in range(2):
-        diffjax.sample(jax.random.PRNGKey(0), gaussian_denoiser(sched), sched, (2, 2, 2, 1),
+        SM_core.sample(jax.random.PRNGKey(0), gaussian_denoiser(sched), sched, (2, 2, 2, 1),
                        config=X0_CFG, progress=True)
         jax.effects_barrier()
     err = capfd.readouterr().err
@@ -108,7 +108,7 @@ def test_progress_bar_counts_every_step(capfd):
 def test_batch_is_sharded_across_devices():
     assert len(jax.devices()) == 4
     sched = S.make_schedule("cosine", 100, "5")
-    out = diffjax.sample(jax.random.PRNGKey(0), gaussian_denoiser(sched), sched, (8, 2, 2, 1),
+    out = SM_core.sample(jax.random.PRNGKey(0), gaussian_denoiser(sched), sched, (8, 2, 2, 1),
                          config=X0_CFG)
     assert len(out.sharding.device_set) == 4
 

@@ -24,6 +24,7 @@ from diffjax.core import schedules as S
 from diffjax.core import solvers as SV
 from diffjax.core.spec import DiffusionSpec
 from diffjax.core.timegrid import TimeGrid
+from diffjax.core import samplers as SM_core  # the loop itself (diffjax.sample takes a model)
 from tests._gaussian import MU, STD, X0_CFG, exact_sample, gaussian_denoiser
 
 SPEC = DiffusionSpec("linear", 4000)
@@ -39,7 +40,7 @@ def errors(sampler, steps_list, x_T):
     out = []
     for steps in steps_list:
         sched = karras(steps)
-        x = diffjax.sample(jax.random.PRNGKey(1), gaussian_denoiser(CHAIN), sched, x_T.shape,
+        x = SM_core.sample(jax.random.PRNGKey(1), gaussian_denoiser(CHAIN), sched, x_T.shape,
                            sampler=sampler, config=X0_CFG, clip_denoised=False, x_T=x_T)
         out.append(float(np.max(np.abs(np.asarray(x) - exact_sample(sched, x_T)))))
     return out
@@ -117,7 +118,7 @@ def count_evaluations(sampler, steps):
 
     sched = SPEC.schedule(steps)
     x_T = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 2, 1))  # 3: not split over devices
-    diffjax.sample(jax.random.PRNGKey(1), model_fn, sched, x_T.shape, sampler=sampler,
+    SM_core.sample(jax.random.PRNGKey(1), model_fn, sched, x_T.shape, sampler=sampler,
                    config=X0_CFG, clip_denoised=False, x_T=x_T).block_until_ready()
     jax.effects_barrier()
     return len(calls)
@@ -193,9 +194,9 @@ def test_churn_samples_the_data_distribution():
     sched = SPEC.schedule(100)
     x_T = jax.random.normal(jax.random.PRNGKey(0), (2048, 2, 2, 1))
     kw = {"config": X0_CFG, "clip_denoised": False, "x_T": x_T}
-    plain = diffjax.sample(jax.random.PRNGKey(1), gaussian_denoiser(CHAIN), sched, x_T.shape,
+    plain = SM_core.sample(jax.random.PRNGKey(1), gaussian_denoiser(CHAIN), sched, x_T.shape,
                            sampler="heun", **kw)
-    churned = diffjax.sample(
+    churned = SM_core.sample(
         jax.random.PRNGKey(1), gaussian_denoiser(CHAIN), sched, x_T.shape,
         sampler=SV.Heun(s_churn=80.0, s_tmin=0.05, s_tmax=50.0, chain=CHAIN), **kw)
     churned = np.asarray(churned)
@@ -211,9 +212,9 @@ def test_repaint_runs_on_the_solvers(name):
     known = jax.random.uniform(jax.random.PRNGKey(3), (4, 4, 4, 1), minval=-1, maxval=1)
     mask = jnp.zeros((4, 4, 4, 1)).at[:, 1:3, 1:3].set(1.0)
     kw = {"config": X0_CFG, "clip_denoised": False, "sampler": name}
-    repaint = diffjax.sample(jax.random.PRNGKey(0), gaussian_denoiser(CHAIN), sched, known.shape,
+    repaint = SM_core.sample(jax.random.PRNGKey(0), gaussian_denoiser(CHAIN), sched, known.shape,
                              guidance=G.inpaint(mask, known, jump_length=2, resample_count=3), **kw)
-    plain = diffjax.sample(jax.random.PRNGKey(0), gaussian_denoiser(CHAIN), sched, known.shape,
+    plain = SM_core.sample(jax.random.PRNGKey(0), gaussian_denoiser(CHAIN), sched, known.shape,
                            guidance=G.inpaint(mask, known), **kw)
     repaint = np.asarray(repaint)
     assert np.all(np.isfinite(repaint))
@@ -229,5 +230,5 @@ def test_solver_settings_are_checked():
     with pytest.raises(ValueError, match="1, 2, 3 or 4"):
         SV.IPNDM(order=5)
     with pytest.raises(ValueError, match="same DiffusionSpec"):
-        diffjax.sample(jax.random.PRNGKey(0), gaussian_denoiser(CHAIN), S.make_schedule("linear", 1000, "5"),
+        SM_core.sample(jax.random.PRNGKey(0), gaussian_denoiser(CHAIN), S.make_schedule("linear", 1000, "5"),
                        (2, 1), sampler=SV.DPMSolverPP2S(chain=CHAIN), config=X0_CFG)

@@ -151,6 +151,42 @@ class _Progress:
             self.bar = None
 
 
+def _checkpointed_scan(body, carry, inputs, segments: int | None):
+    """`lax.scan(body, carry, inputs)`; with `segments`, the same loop cut into segments of
+    ceil(N / segments) steps (at most `segments` of them, the last one possibly shorter), run as an
+    outer scan whose body, the inner scan over one segment, is `jax.checkpoint`ed. Reverse-mode
+    differentiation then keeps only the carry at each segment's start and recomputes the
+    segment's steps in the backward pass (two-level checkpointing: Griewank 1992, Chen et al.
+    2016): memory for O(segments + N / segments) steps instead of O(N), O(sqrt N) at segments =
+    sqrt N, for one more forward pass.
+    Without differentiation the result and the cost are those of the plain scan."""
+    if segments is None:
+        return jax.lax.scan(body, carry, inputs)
+    num_steps = jax.tree.leaves(inputs)[0].shape[0]
+    length = -(-num_steps // segments)
+    full = num_steps // length
+    segment = jax.checkpoint(lambda c, xs: jax.lax.scan(body, c, xs))
+    head = jax.tree.map(lambda a: a[: full * length].reshape((full, length) + a.shape[1:]), inputs)
+    carry, ys = jax.lax.scan(segment, carry, head)
+    ys = jax.tree.map(lambda a: a.reshape((full * length,) + a.shape[2:]), ys)
+    if full * length < num_steps:
+        carry, tail = segment(carry, jax.tree.map(lambda a: a[full * length:], inputs))
+        ys = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), ys, tail)
+    return carry, ys
+
+
+def _num_segments(checkpoint_segments, num_steps: int) -> int | None:
+    if checkpoint_segments is None:
+        return None
+    if checkpoint_segments == "sqrt":
+        return max(1, round(np.sqrt(num_steps)))
+    if (isinstance(checkpoint_segments, (int, np.integer)) and not isinstance(checkpoint_segments, bool)
+            and checkpoint_segments >= 1):
+        return int(checkpoint_segments)
+    raise ValueError(f"checkpoint_segments={checkpoint_segments!r}: use None (no checkpointing), "
+                     "'sqrt' (about sqrt(steps) segments) or a number of segments >= 1")
+
+
 def sample_loop(
     ctx: Context,
     sampler: Sampler,
@@ -160,22 +196,37 @@ def sample_loop(
     step_noise=None,
     progress: bool = False,
     intermediates: bool = False,
+    start_level: int | None = None,
+    checkpoint_segments: int | str | None = None,
 ):
     """Run `sampler` from x_T [B, ...] at level T-1 down to the data, as one lax.scan (jit the
     caller). The walk over levels comes from the guidance (RePaint) or is the plain descent; a
     forward step (to = from + 1) draws x_{l+1} ~ N(sqrt(1 - beta_{l+1}) x_l, beta_{l+1} I) and
     restarts a multistep sampler's history. `step_noise` [S, B, ...] replaces the noise drawn by
-    step s. Returns x_0, or (x_0, {"sample": [S, B, ...], "pred_xstart": [S, B, ...]})."""
+    step s. Returns x_0, or (x_0, {"sample": [S, B, ...], "pred_xstart": [S, B, ...]}).
+
+    start_level: x_T is x at this level (0 <= start_level <= T-1) and the walk starts at its first
+        visit there: decoding from `ddim_invert(..., t_stop=start_level)`, or SDEdit.
+    checkpoint_segments: for jax.grad through the loop, "sqrt" (~sqrt(S) segments) or a number of
+        segments: the backward pass stores the carries at segment boundaries and recomputes the
+        steps inside each segment, so memory grows as sqrt(S), not S (see `_checkpointed_scan`).
+        None (default): a plain scan."""
     sched = ctx.schedule
     walk = ctx.guidance.levels(sched.num_timesteps)
     has_jumps = walk is not None
     walk = default_levels(sched.num_timesteps) if walk is None else walk
+    if start_level is not None:
+        if not 0 <= start_level < sched.num_timesteps:
+            raise ValueError(f"start_level={start_level} is not a level of this {sched.num_timesteps}"
+                             f"-step schedule: choose 0 <= start_level <= {sched.num_timesteps - 1}")
+        walk = walk[np.flatnonzero(walk[:, 0] == start_level)[0]:]
     num_steps = walk.shape[0]
     if step_noise is not None and step_noise.shape[:1] != (num_steps,):
         raise ValueError(
             f"step_noise has {step_noise.shape[0]} steps; this loop takes {num_steps} "
             f"(shape [{num_steps}, *x.shape])"
         )
+    segments = _num_segments(checkpoint_segments, num_steps)
     bar = _Progress(num_steps, f"{getattr(sampler, 'name', 'sampling')} x{num_steps}") if progress else None
 
     def down(x, state, frm, to, key, noise):
@@ -202,36 +253,88 @@ def sample_loop(
     walk = jnp.asarray(walk)
     inputs = (jnp.arange(num_steps), walk[:, 0], walk[:, 1], jax.random.split(key, num_steps),
               step_noise)
-    (x, _), history = jax.lax.scan(body, (x_T, sampler.init(x_T)), inputs)
+    (x, _), history = _checkpointed_scan(body, (x_T, sampler.init(x_T)), inputs, segments)
     if intermediates:
         return x, {"sample": history[0], "pred_xstart": history[1]}
     return x
 
 
+def _ddim_point(x0, eps, abar):
+    """sqrt(abar) x0 + sqrt(1 - abar) eps: the point at alpha-bar `abar` [B, 1, ...] of the
+    deterministic DDIM path through (x0, eps) (Song et al. 2021, eq. 12 with sigma = 0)."""
+    return jnp.sqrt(abar) * x0 + jnp.sqrt(1 - abar) * eps
+
+
+def _ddim_eps(ctx: Context, x, tb):
+    """The noise a DDIM step sees at x, respaced timesteps tb [B]: re-derived from the guided (and
+    clipped) x0 prediction. Returns (eps, pred_xstart)."""
+    out = denoise(ctx, x, tb, mode="score")
+    return D.predict_eps_from_xstart(ctx.schedule, x, tb, out["pred_xstart"]), out["pred_xstart"]
+
+
 def ddim_reverse_step(ctx: Context, x, t):
     """x_{t+1} from x_t along the deterministic DDIM path (GD's ddim_reverse_sample): x0 and eps
     at t, then x_{t+1} = sqrt(abar_{t+1}) x0 + sqrt(1 - abar_{t+1}) eps. Returns (x_{t+1}, x0)."""
-    sched = ctx.schedule
     tb = batch_timesteps(x, t)
-    out = denoise(ctx, x, tb, mode="score")
-    eps = D.predict_eps_from_xstart(sched, x, tb, out["pred_xstart"])
-    abar_next = D.extract(sched.alphas_cumprod_next, tb, x.ndim)
-    return out["pred_xstart"] * jnp.sqrt(abar_next) + jnp.sqrt(1 - abar_next) * eps, out["pred_xstart"]
+    eps, x0 = _ddim_eps(ctx, x, tb)
+    return _ddim_point(x0, eps, D.extract(ctx.schedule.alphas_cumprod_next, tb, x.ndim)), x0
 
 
-def ddim_invert(ctx: Context, x0, *, progress: bool = False):
-    """DDIM inversion: encode data x0 [B, ...] to its latent at level T-1 by running the
-    deterministic DDIM path forwards (levels 0 -> T-1; T - 1 model calls)."""
-    num = ctx.schedule.num_timesteps
-    bar = _Progress(num - 1, "ddim inversion") if progress and num > 1 else None
+def ddim_invert(ctx: Context, x0, *, t_stop: int | None = None, fixed_point_iterations: int = 0,
+                progress: bool = False):
+    """DDIM inversion: encode data x0 [B, ...] to its latent at level `t_stop` (default T-1) by
+    walking the deterministic DDIM path up from the data (level -1, abar = 1) through levels
+    0, 1, ..., t_stop: t_stop + 1 steps, the mirror of DDIM decoding from t_stop
+    (`sample_loop(ctx, DDIM(), x_t, key, start_level=t_stop)`); t_stop = -1 returns x0.
 
-    def body(x, t):
-        x_next, _ = ddim_reverse_step(ctx, x, t)
+    A step from level l to l + 1 keeps an (x0, eps) pair with x_l = sqrt(abar_l) x0 +
+    sqrt(1 - abar_l) eps and moves to sqrt(abar_{l+1}) x0 + sqrt(1 - abar_{l+1}) eps. The
+    explicit scheme (Song et al. 2021, sec. 4.3; GD's ddim_reverse_sample) takes the model's
+    prediction at the start, at (x_l, l), and from the data at (x0, 0). Each of the
+    `fixed_point_iterations` takes it again at the end, at (x_{l+1}, l+1), which is what decoding
+    from x_{l+1} will see, and solves the step again holding its eps (where sigma_l sigma_{l+1} < 1,
+    sigma = sqrt((1 - abar) / abar): low noise) or its x0 (high noise; holding eps there would
+    contract by only ~1 - sigma_l / sigma_{l+1}, ~1 at the last cosine step). A fixed point is an
+    exact inverse of the decoding step (fixed-point inversion, Pan et al. 2023), so invert then
+    decode returns x0 to rounding once the iterations have converged (a few to a dozen; they
+    converge where the step is small against the denoiser's Lipschitz constant).
+    Model calls: (1 + fixed_point_iterations) (t_stop + 1)."""
+    sched = ctx.schedule
+    num = sched.num_timesteps
+    t_stop = num - 1 if t_stop is None else int(t_stop)
+    if not -1 <= t_stop < num:
+        raise ValueError(f"ddim_invert t_stop={t_stop} is not a level of this {num}-step "
+                         f"schedule: choose -1 (the data) <= t_stop <= {num - 1}")
+    if fixed_point_iterations < 0:
+        raise ValueError(f"fixed_point_iterations={fixed_point_iterations} must be >= 0")
+    bar = _Progress(t_stop + 1, "ddim inversion") if progress and t_stop >= 0 else None
+
+    def body(x, level):  # x at level - 1 -> x at level
+        abar = D.extract(sched.alphas_cumprod_prev, batch_timesteps(x, level), x.ndim)  # 1 at the data
+        abar_next = D.extract(sched.alphas_cumprod, batch_timesteps(x, level), x.ndim)
+        # Hold eps where sigma sigma' < 1, x0 elsewhere: for unit-scale data the iteration then
+        # contracts by ~(1 - sigma / sigma') sigma'^2 / (1 + sigma'^2) holding eps and by
+        # ~(sigma' / sigma - 1) / (1 + sigma'^2) holding x0, and the first is the smaller one
+        # exactly when sigma sigma' < 1.
+        hold_x0 = (1 - abar) * (1 - abar_next) > abar * abar_next
+        sqrt_one_minus_abar = jnp.sqrt(jnp.where(hold_x0, 1 - abar, 1.0))  # divides where > 0
+
+        def refine(y, t):
+            eps, pred = _ddim_eps(ctx, y, batch_timesteps(y, t))
+            x0_from_eps = (x - jnp.sqrt(1 - abar) * eps) / jnp.sqrt(abar)
+            eps_from_x0 = (x - jnp.sqrt(abar) * pred) / sqrt_one_minus_abar
+            return jnp.where(hold_x0, _ddim_point(pred, eps_from_x0, abar_next),
+                             _ddim_point(x0_from_eps, eps, abar_next))
+
+        # The explicit step: the model at the start (at level 0 from the data, where abar = 1 and
+        # eps is held).
+        x_next = refine(x, jnp.maximum(level - 1, 0))
+        x_next = jax.lax.fori_loop(0, fixed_point_iterations, lambda _, y: refine(y, level), x_next)
         if bar is not None:
-            jax.debug.callback(bar, t)
+            jax.debug.callback(bar, level)
         return x_next, None
 
-    x, _ = jax.lax.scan(body, x0, jnp.arange(num - 1))
+    x, _ = jax.lax.scan(body, x0, jnp.arange(t_stop + 1))
     return x
 
 
@@ -258,7 +361,8 @@ def _data_sharding(batch: int):
 
 
 def _sample_impl(key, variables, schedule, sampler, guidance, model_kwargs, clip_denoised, x_T,
-                 noise_scale=1.0, *, apply, shape, config, progress, intermediates):
+                 noise_scale=1.0, *, apply, shape, config, progress, intermediates,
+                 checkpoint_segments=None):
     key_x, key_loop = jax.random.split(key)
     x = noise_scale * jax.random.normal(key_x, shape, jnp.float32) if x_T is None else x_T
     shardings = _data_sharding(shape[0])
@@ -266,11 +370,13 @@ def _sample_impl(key, variables, schedule, sampler, guidance, model_kwargs, clip
         x = jax.lax.with_sharding_constraint(x, shardings[0])
     ctx = Context(schedule=schedule, model_kwargs=model_kwargs, clip_denoised=clip_denoised,
                   guidance=guidance, config=config, model_fn=_as_model_fn(apply, variables))
-    return sample_loop(ctx, sampler, x, key_loop, progress=progress, intermediates=intermediates)
+    return sample_loop(ctx, sampler, x, key_loop, progress=progress, intermediates=intermediates,
+                       checkpoint_segments=checkpoint_segments)
 
 
 _sample_jit = jax.jit(
-    _sample_impl, static_argnames=("apply", "shape", "config", "progress", "intermediates")
+    _sample_impl,
+    static_argnames=("apply", "shape", "config", "progress", "intermediates", "checkpoint_segments"),
 )
 
 
@@ -289,6 +395,7 @@ def sample(
     progress: bool = False,
     return_intermediates: bool = False,
     noise_scale=1.0,
+    gradient_checkpointing: bool = False,
 ):
     """Draw samples [*shape] (NHWC) with one jit-compiled loop.
 
@@ -302,6 +409,10 @@ def sample(
     model_kwargs: conditioning arrays with a leading batch dim (e.g. {"y": labels}).
     noise_scale: the drawn x_T is noise_scale * N(0, I) (traced; GLIDE's upsample_temp = 0.997 for
         its upsampler); the noise of the steps themselves is not scaled, as in GLIDE. Not with x_T.
+    gradient_checkpointing: for jax.grad of a loss on the samples with respect to x_T, the
+        variables, model_kwargs or the guidance's scales: the loop keeps ~sqrt(steps) carries
+        and recomputes the steps between them in the backward pass (memory O(sqrt(steps)) instead
+        of O(steps), one more forward pass); the samples are the same.
     The batch is sharded across all devices when there are several and it divides evenly.
     """
     if x_T is not None and not (isinstance(noise_scale, (int, float)) and noise_scale == 1.0):
@@ -323,4 +434,5 @@ def sample(
         traced = (*traced, x_T)
         noise_scale = jax.device_put(noise_scale, replicated)
     return _sample_jit(*traced, noise_scale, apply=apply, shape=tuple(shape), config=config,
-                       progress=progress, intermediates=return_intermediates)
+                       progress=progress, intermediates=return_intermediates,
+                       checkpoint_segments="sqrt" if gradient_checkpointing else None)
