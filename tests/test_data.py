@@ -163,6 +163,52 @@ def test_iterator_state_resumes_with_another_process_count():
     np.testing.assert_array_equal(np.concatenate(halves, axis=1), np.stack(expected[4:7]))
 
 
+@pytest.mark.parametrize("workers, threads", [(2, 0), (0, 3)])
+def test_workers_give_the_synchronous_batches_and_resume_exactly(workers, threads):
+    """Batches made ahead by worker processes (or threads) are those of the synchronous
+    iterator, in its order, for any process's rows; the state counts the batches handed out,
+    not the ones prefetched, and resuming from it (a new iterator, or set_state on a running
+    one) continues with the very next batch."""
+    rng = np.random.default_rng(1)
+    source = D.ArraySource(rng.integers(0, 256, (37, 4, 4, 1)).astype(np.uint8),
+                           np.arange(37, dtype=np.int32))
+    config = D.DataConfig(image_size=4, seed=2)
+    sync = D.BatchIterator(D.batched_dataset(config, source, 8))
+    expected = [sync.next() for _ in range(10)]
+
+    def rows(k):  # process 1 of 2 reads rows 4..7 of every global batch
+        return {key: value[4:] for key, value in expected[k].items()}
+
+    def check(got, k):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(got[key], rows(k)[key])
+
+    def iterator():
+        return D.BatchIterator(D.batched_dataset(config, source, 8, process_index=1,
+                                                 process_count=2),
+                               workers=workers, threads=threads, prefetch=2)
+
+    with iterator() as it:
+        for k in range(4):
+            check(it.next(), k)
+        saved = it.get_state()
+        assert saved == {"next_batch": 4}  # the workers have made more than 4 by now
+        it.set_state({"next_batch": 7})
+        stacked = it.next(3)
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(stacked[key], np.stack([rows(k)[key] for k in (7, 8, 9)]))
+        assert it.get_state() == {"next_batch": 10}
+    with iterator() as resumed:
+        resumed.set_state(saved)
+        check(resumed.next(), 4)
+
+
+@pytest.mark.parametrize("field, value", [("workers", -1), ("threads", 1.5), ("prefetch", 0)])
+def test_loading_settings_name_the_fix(field, value):
+    with pytest.raises(ValueError, match=f"data.{field}={value}"):
+        D.DataConfig(**{field: value})
+
+
 def test_batch_not_divisible_by_processes_names_the_fix():
     with pytest.raises(ValueError, match="batch_size=6 is not divisible by the 4 processes"):
         D.batched_dataset(D.DataConfig(image_size=4), _labelled_source(40), 6, process_index=0,
