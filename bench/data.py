@@ -50,9 +50,10 @@ def write_jpegs(folder: pathlib.Path, count: int, size: int, seed: int = 0) -> N
 
 
 def throughput(config: data_lib.DataConfig, source, batch: int, workers: int, threads: int,
-               batches: int) -> tuple[float, float]:
+               batches: int) -> tuple[float, float, float]:
     """(start-up seconds to the first batch, images/s over `batches` batches once the prefetch
-    buffers made during the start-up are used up)."""
+    buffers made during the start-up are used up, CPU ms of the calling thread per batch: what
+    loading costs the training thread, which on a busy machine says more than images/s)."""
     dataset = data_lib.batched_dataset(config, source, batch)
     with data_lib.BatchIterator(dataset, workers=workers, threads=threads,
                                 prefetch=config.prefetch) as iterator:
@@ -62,10 +63,11 @@ def throughput(config: data_lib.DataConfig, source, batch: int, workers: int, th
         # Drain what was prefetched while the first batch was waited for: steady state only.
         for _ in range(config.prefetch * max(workers, threads, 1)):
             iterator.next()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         for _ in range(batches):
             iterator.next()
-        return first, batches * batch / (time.perf_counter() - start)
+        cpu_ms = (time.thread_time() - cpu) / batches * 1e3
+        return first, batches * batch / (time.perf_counter() - start), cpu_ms
 
 
 def stand_in_step(width: int, depth: int, channels: int):
@@ -136,9 +138,10 @@ def main() -> None:
     print(f"\nimages/s of the iterator (batch {args.batch}, {args.image_size} px, "
           f"threads {args.threads}):")
     for workers in args.workers:
-        first, rate = throughput(config, source, args.batch, workers, args.threads, args.batches)
-        print(f"  workers={workers}: {rate:7.1f} images/s   (first batch after {first:.2f} s)",
-              flush=True)
+        first, rate, cpu_ms = throughput(config, source, args.batch, workers, args.threads,
+                                         args.batches)
+        print(f"  workers={workers}: {rate:7.1f} images/s, {cpu_ms:6.1f} ms CPU of the training "
+              f"thread per batch (first batch after {first:.2f} s)", flush=True)
 
     init, step = stand_in_step(args.width, args.depth, 3)
     synthetic = np.random.default_rng(0).uniform(-1, 1, (args.batch, args.image_size,
