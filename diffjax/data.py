@@ -40,6 +40,8 @@ import functools
 import gzip
 import os
 import pathlib
+import threading
+import time
 from typing import Any, Sequence
 
 import grain
@@ -324,6 +326,22 @@ def batched_dataset(config: DataConfig, source, global_batch: int, *, process_in
     return ds.batch(global_batch // process_count, drop_remainder=True)
 
 
+def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
+    """grain worker_init_fn (with `parent`, the training process's pid, bound): end this worker
+    when that process is gone. A process killed by SIGKILL (an out-of-memory kill, a preempted
+    node) runs no clean-up, and grain 0.2.18's workers would live on as orphans holding CPU,
+    memory and shared-memory batches. `parent` is bound when the workers are made, not read in the
+    worker, which may start only after the parent has died."""
+    del worker_index, worker_count
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _plain_array(x) -> np.ndarray:
     return x if type(x) is np.ndarray else np.array(x)
 
@@ -357,7 +375,8 @@ class BatchIterator:
             # Worker w makes batches w, w + W, w + 2W, ... of the slice; grain interleaves them
             # back in order.
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-                num_workers=self.workers, per_worker_buffer_size=self.prefetch))
+                num_workers=self.workers, per_worker_buffer_size=self.prefetch),
+                worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
         return iter(ds)
 
     def next(self, n: int | None = None) -> dict:

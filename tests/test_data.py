@@ -1,7 +1,13 @@
 """Data: IDX parsing, the real Fashion-MNIST, GD's folder convention and preprocessing, and
 deterministic, resumable, per-process batches."""
 import gzip
+import os
+import pathlib
+import signal
 import struct
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -201,6 +207,50 @@ def test_workers_give_the_synchronous_batches_and_resume_exactly(workers, thread
     with iterator() as resumed:
         resumed.set_state(saved)
         check(resumed.next(), 4)
+
+
+_KILLED_PARENT = """
+import os, signal, numpy as np
+from diffjax import data as D
+
+if __name__ == "__main__":
+    source = D.ArraySource(np.zeros((16, 4, 4, 1), np.uint8), np.arange(16, dtype=np.int32))
+    it = D.BatchIterator(D.batched_dataset(D.DataConfig(image_size=4), source, 4), workers=2)
+    it.next()
+    print(os.getpid(), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # no clean-up runs
+"""
+
+
+def _live_workers(marker):
+    """PIDs of live (not zombie) worker processes (spawned Pythons) whose environment holds
+    `marker`."""
+    found = []
+    for proc in pathlib.Path("/proc").glob("[0-9]*"):
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            spawned = b"spawn_main" in (proc / "cmdline").read_bytes()
+            marked = marker.encode() in (proc / "environ").read_bytes()
+        except OSError:  # ended meanwhile
+            continue
+        if state != "Z" and spawned and marked:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_workers_end_when_the_training_process_is_killed(tmp_path):
+    """SIGKILL runs no clean-up: the workers notice that their parent is gone and exit within
+    seconds instead of living on as orphans."""
+    marker = f"diffjax-test-{os.getpid()}-{time.time_ns()}"
+    with open(tmp_path / "log", "w") as log:  # not a pipe: orphans would hold it open
+        run = subprocess.run([sys.executable, "-c", _KILLED_PARENT], stdout=log, stderr=log,
+                             timeout=120, env=dict(os.environ, DIFFJAX_TEST_MARKER=marker))
+    assert run.returncode == -signal.SIGKILL, (tmp_path / "log").read_text()[-2000:]
+    deadline = time.time() + 15
+    while _live_workers(marker) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _live_workers(marker)
 
 
 @pytest.mark.parametrize("field, value", [("workers", -1), ("threads", 1.5), ("prefetch", 0)])
