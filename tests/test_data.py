@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from diffjax import data as D
+from tests._util import REPO
 
 
 def write_idx(path, array):
@@ -245,7 +246,7 @@ def test_workers_end_when_the_training_process_is_killed(tmp_path):
     marker = f"diffjax-test-{os.getpid()}-{time.time_ns()}"
     with open(tmp_path / "log", "w") as log:  # not a pipe: orphans would hold it open
         run = subprocess.run([sys.executable, "-c", _KILLED_PARENT], stdout=log, stderr=log,
-                             timeout=120, env=dict(os.environ, DIFFJAX_TEST_MARKER=marker))
+                             timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO), DIFFJAX_TEST_MARKER=marker))
     assert run.returncode == -signal.SIGKILL, (tmp_path / "log").read_text()[-2000:]
     deadline = time.time() + 15
     while _live_workers(marker) and time.time() < deadline:
