@@ -24,18 +24,30 @@ rows that `jax.make_array_from_process_local_data` places on its devices. So glo
 same set of images, in the same row order, whether 1 or 64 processes assemble it, and the iterator
 state is just k, the index of the next global batch: saved in the checkpoint, a resumed run
 continues with the very next batch, with any number of processes.
+
+Workers: `data.workers` grain worker processes (`mp_prefetch`) and / or `data.threads` threads per
+process (`ReadOptions`) read, decode, resize and flip whole batches ahead of the training loop, each
+keeping up to `data.prefetch` batches ready; with both 0 every batch is made on the calling thread
+when it is asked for. Global batch k is made by one worker from the same records with the same
+flips either way, and the batches come back in stream order, so the batches, their order and the
+iterator state do not depend on these settings; the state counts the batches handed out, not the
+ones prefetched, so a resumed run continues exactly where the saved one stopped.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import os
 import pathlib
+import threading
+import time
 from typing import Any, Sequence
 
 import grain
 import jax
 import numpy as np
+from absl import flags as absl_flags
 from PIL import Image
 
 from diffjax import paths
@@ -69,6 +81,12 @@ class DataConfig:
     captions: str = ""
     tokenizer: str = ""
     text_ctx: int = 128
+    # Loading (see "Workers" above): worker processes and threads per process preparing batches
+    # ahead of the training loop (0 and 0: synchronously on the calling thread), and how many
+    # batches each worker (or the thread pool) keeps ready.
+    workers: int = 0
+    threads: int = 0
+    prefetch: int = 2
 
     def __post_init__(self):
         if not (self.source in ("fashion_mnist", "folder", "shapes")
@@ -80,6 +98,13 @@ class DataConfig:
             raise ValueError(f"data.resize={self.resize!r}: choose 'center_crop' or 'pad'")
         if self.channels not in (1, 3):
             raise ValueError(f"data.channels={self.channels}: choose 1 (grayscale) or 3 (RGB)")
+        for name in ("workers", "threads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"data.{name}={getattr(self, name)!r} must be an int >= 0 "
+                                 f"(0: batches are made on the training thread)")
+        if not isinstance(self.prefetch, int) or self.prefetch < 1:
+            raise ValueError(f"data.prefetch={self.prefetch!r} must be an int >= 1 (batches "
+                             f"buffered per worker)")
 
 
 # --------------------------------------------------------------------------- sources
@@ -296,24 +321,71 @@ def batched_dataset(config: DataConfig, source, global_batch: int, *, process_in
         raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
     # One stream for all processes: shuffle and flips depend on the seed and the position only.
     ds = grain.MapDataset.source(source).seed(config.seed).shuffle().repeat(None)
-    ds = ds.random_map(lambda record, rng: preprocess(config, record, rng))
+    ds = ds.random_map(functools.partial(preprocess, config))  # a partial: workers unpickle it
     ds = _ProcessRows(ds, global_batch, process_index, process_count)
     return ds.batch(global_batch // process_count, drop_remainder=True)
+
+
+def _exit_with_parent(parent: int, worker_index: int, worker_count: int) -> None:
+    """grain worker_init_fn (with `parent`, the training process's pid, bound): end this worker
+    when that process is gone. A process killed by SIGKILL (an out-of-memory kill, a preempted
+    node) runs no clean-up, and grain 0.2.18's workers would live on as orphans holding CPU,
+    memory and shared-memory batches. `parent` is bound when the workers are made, not read in the
+    worker, which may start only after the parent has died."""
+    del worker_index, worker_count
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _plain_array(x) -> np.ndarray:
+    return x if type(x) is np.ndarray else np.array(x)
 
 
 class BatchIterator:
     """Batches of this process: `next()` -> {"image": [b, S, S, C] float32, "label": [b] int32}
     (b = the process's rows of the global batch); `next(n)` stacks n batches -> [n, b, ...].
     `get_state()` / `set_state()` give the index of the next GLOBAL batch (JSON-serialisable, the
-    same on every process, valid for any process count)."""
+    same on every process, valid for any process count).
 
-    def __init__(self, dataset: grain.MapDataset, next_batch: int = 0):
+    `workers` processes and `threads` threads make batches ahead, `prefetch` each (see the module
+    docstring, "Workers"); they start at the first `next()` and are restarted by `set_state()`.
+    `close()` (or the end of a `with` block) stops them; they also stop when the interpreter
+    exits."""
+
+    def __init__(self, dataset: grain.MapDataset, next_batch: int = 0, *, workers: int = 0,
+                 threads: int = 0, prefetch: int = 2):
         self.dataset = dataset
         self.next_batch = next_batch
+        self.workers, self.threads, self.prefetch = workers, threads, prefetch
+        self._stream = None  # a grain iterator over dataset[next_batch], dataset[next_batch + 1], ...
+
+    def _open_stream(self):
+        ds = self.dataset[self.next_batch:].to_iter_dataset(grain.ReadOptions(
+            num_threads=self.threads, prefetch_buffer_size=self.threads * self.prefetch))
+        if self.workers:
+            if not absl_flags.FLAGS.is_parsed():
+                # grain 0.2.18's mp_prefetch reads an absl flag, which fails in a script that
+                # parsed none (google/grain#1355, fixed after 0.2.18): use the defaults.
+                absl_flags.FLAGS.mark_as_parsed()
+            # Worker w makes batches w, w + W, w + 2W, ... of the slice; grain interleaves them
+            # back in order.
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self.workers, per_worker_buffer_size=self.prefetch),
+                worker_init_fn=functools.partial(_exit_with_parent, os.getpid()))
+        return iter(ds)
 
     def next(self, n: int | None = None) -> dict:
         if n is None:
-            batch = self.dataset[self.next_batch]
+            if self._stream is None:
+                self._stream = self._open_stream()
+            # Worker batches arrive in shared memory that grain frees when they are dropped:
+            # copy them into plain arrays the caller may keep.
+            batch = jax.tree.map(_plain_array, next(self._stream))
             self.next_batch += 1
             return batch
         batches = [self.next() for _ in range(n)]
@@ -328,16 +400,30 @@ class BatchIterator:
         return {"next_batch": int(self.next_batch)}
 
     def set_state(self, state: dict[str, Any]) -> None:
+        self.close()  # the prefetched batches belong to the old position
         self.next_batch = int(state["next_batch"])
+
+    def close(self) -> None:
+        """Stop the workers and drop the prefetched batches (a later `next()` starts anew)."""
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def make_iterator(config: DataConfig, global_batch: int, state: dict | None = None) -> BatchIterator:
     """The training iterator of this process (jax.process_index() of jax.process_count()): its
-    rows of each global batch of `global_batch` images."""
+    rows of each global batch of `global_batch` images, made by config.workers / config.threads."""
     source = make_source(config)
     dataset = batched_dataset(config, source, global_batch, process_index=jax.process_index(),
                               process_count=jax.process_count())
-    iterator = BatchIterator(dataset)
+    iterator = BatchIterator(dataset, workers=config.workers, threads=config.threads,
+                             prefetch=config.prefetch)
     if state:
         iterator.set_state(state)
     return iterator

@@ -16,22 +16,52 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA, FSDP = "data", "fsdp"
 BATCH_AXES = (DATA, FSDP)  # the batch dimension is split over every device
 
 
 def make_mesh(fsdp: int = 1, devices=None) -> Mesh:
-    """A (data, fsdp) mesh over `devices` (default: all), with data = #devices / fsdp."""
+    """A (data, fsdp) mesh over `devices` (default: all), with data = #devices / fsdp.
+
+    Devices are placed by `jax.make_mesh`, which follows the physical topology (TPU ICI rings),
+    or, on a multi-slice TPU pod, by `mesh_utils.create_hybrid_device_mesh` with "data" split over
+    the slices (only the gradient all-reduce crosses the slower data-centre network; fsdp's
+    per-layer all-gathers stay on ICI). Then each process's devices are made contiguous along the
+    batch, keeping their topology order: process p's devices hold rows [p B / P, (p + 1) B / P)
+    of every global batch, the rows `diffjax.data` gives it, so a global batch is the same rows in
+    the same order on any topology. Axes are `AxisType.Auto` (shardings propagate as with
+    `jit`'s in/out_shardings; jax.make_mesh's default is Explicit).
+    """
     devices = list(jax.devices() if devices is None else devices)
     if fsdp < 1 or len(devices) % fsdp:
         raise ValueError(
             f"fsdp={fsdp} does not divide the {len(devices)} devices: choose a divisor of "
             f"{len(devices)} (1 keeps parameters replicated)"
         )
-    grid = np.asarray(devices, dtype=object).reshape(len(devices) // fsdp, fsdp)
-    return Mesh(grid, (DATA, FSDP))
+    shape, auto = (len(devices) // fsdp, fsdp), (AxisType.Auto, AxisType.Auto)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        if shape[0] % slices:
+            raise ValueError(f"fsdp={fsdp} does not divide the {len(devices) // slices} devices of "
+                             f"each of the {slices} slices: choose a divisor of "
+                             f"{len(devices) // slices} (fsdp stays within a slice)")
+        grid = mesh_utils.create_hybrid_device_mesh((shape[0] // slices, fsdp), (slices, 1),
+                                                    devices)
+    else:
+        grid = jax.make_mesh(shape, (DATA, FSDP), auto, devices=devices).devices
+    return Mesh(process_major(grid), (DATA, FSDP), axis_types=auto)
+
+
+def process_major(grid: np.ndarray) -> np.ndarray:
+    """`grid` (an array of devices) reordered, read row-major, so that each process's devices are
+    contiguous and processes come in index order; a stable sort: the order of one process's
+    devices is kept, and a grid already in that order is returned unchanged."""
+    flat = list(grid.flat)
+    order = sorted(range(len(flat)), key=lambda i: flat[i].process_index)
+    return np.asarray([flat[i] for i in order], dtype=object).reshape(grid.shape)
 
 
 def num_batch_shards(mesh: Mesh) -> int:

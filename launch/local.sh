@@ -32,7 +32,7 @@ trap 'forward TERM' TERM
 trap 'forward INT' INT
 
 for ((i = 0; i < N; i++)); do
-  "$PYTHON" -u -m diffjax.train --coordinator_address="127.0.0.1:$PORT" --num_processes="$N" \
+  "$PYTHON" -u -m diffjax train --coordinator_address="127.0.0.1:$PORT" --num_processes="$N" \
     --process_id="$i" --heartbeat_timeout="${HEARTBEAT_TIMEOUT:-60}" "$@" &
   pids+=($!)
 done

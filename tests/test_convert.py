@@ -159,7 +159,7 @@ def test_config_travels_with_the_weights(converted, golden, tmp_path):
     assert config.source.bytes == (PARITY / "pt" / "unet_cond32.pt").stat().st_size
     assert config.model.to_dict() == golden("unet_cond32").config["factory_kwargs"]
     with pytest.raises(
-        FileNotFoundError, match="not a checkpoint written by python -m diffjax.convert"
+        FileNotFoundError, match="not a checkpoint written by python -m diffjax convert"
     ):
         C.load_converted(tmp_path)
 
@@ -175,7 +175,7 @@ finally:
 
 
 def _peak_rss_mib(args):
-    """Peak resident memory of `python -m diffjax.convert ARGS` in a fresh process."""
+    """Peak resident memory of `python -m diffjax convert ARGS` in a fresh process."""
     proc = subprocess.run(
         [sys.executable, "-c", _PEAK_RSS, *map(str, args)],
         capture_output=True,

@@ -1,13 +1,20 @@
 """Data: IDX parsing, the real Fashion-MNIST, GD's folder convention and preprocessing, and
 deterministic, resumable, per-process batches."""
 import gzip
+import os
+import pathlib
+import signal
 import struct
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from diffjax import data as D
+from tests._util import REPO
 
 
 def write_idx(path, array):
@@ -161,6 +168,96 @@ def test_iterator_state_resumes_with_another_process_count():
         halves.append(it.next(3)["label"])
         assert it.get_state() == {"next_batch": 7}
     np.testing.assert_array_equal(np.concatenate(halves, axis=1), np.stack(expected[4:7]))
+
+
+@pytest.mark.parametrize("workers, threads", [(2, 0), (0, 3)])
+def test_workers_give_the_synchronous_batches_and_resume_exactly(workers, threads):
+    """Batches made ahead by worker processes (or threads) are those of the synchronous
+    iterator, in its order, for any process's rows; the state counts the batches handed out,
+    not the ones prefetched, and resuming from it (a new iterator, or set_state on a running
+    one) continues with the very next batch."""
+    rng = np.random.default_rng(1)
+    source = D.ArraySource(rng.integers(0, 256, (37, 4, 4, 1)).astype(np.uint8),
+                           np.arange(37, dtype=np.int32))
+    config = D.DataConfig(image_size=4, seed=2)
+    sync = D.BatchIterator(D.batched_dataset(config, source, 8))
+    expected = [sync.next() for _ in range(10)]
+
+    def rows(k):  # process 1 of 2 reads rows 4..7 of every global batch
+        return {key: value[4:] for key, value in expected[k].items()}
+
+    def check(got, k):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(got[key], rows(k)[key])
+
+    def iterator():
+        return D.BatchIterator(D.batched_dataset(config, source, 8, process_index=1,
+                                                 process_count=2),
+                               workers=workers, threads=threads, prefetch=2)
+
+    with iterator() as it:
+        for k in range(4):
+            check(it.next(), k)
+        saved = it.get_state()
+        assert saved == {"next_batch": 4}  # the workers have made more than 4 by now
+        it.set_state({"next_batch": 7})
+        stacked = it.next(3)
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(stacked[key], np.stack([rows(k)[key] for k in (7, 8, 9)]))
+        assert it.get_state() == {"next_batch": 10}
+    with iterator() as resumed:
+        resumed.set_state(saved)
+        check(resumed.next(), 4)
+
+
+_KILLED_PARENT = """
+import os, signal, numpy as np
+from diffjax import data as D
+
+if __name__ == "__main__":
+    source = D.ArraySource(np.zeros((16, 4, 4, 1), np.uint8), np.arange(16, dtype=np.int32))
+    it = D.BatchIterator(D.batched_dataset(D.DataConfig(image_size=4), source, 4), workers=2)
+    it.next()
+    print(os.getpid(), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # no clean-up runs
+"""
+
+
+def _live_workers(marker):
+    """PIDs of live (not zombie) worker processes (spawned Pythons) whose environment holds
+    `marker`."""
+    found = []
+    for proc in pathlib.Path("/proc").glob("[0-9]*"):
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            spawned = b"spawn_main" in (proc / "cmdline").read_bytes()
+            marked = marker.encode() in (proc / "environ").read_bytes()
+        except OSError:  # ended meanwhile
+            continue
+        if state != "Z" and spawned and marked:
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.skipif(not pathlib.Path("/proc/self/environ").exists(), reason="needs Linux /proc")
+def test_workers_end_when_the_training_process_is_killed(tmp_path):
+    """SIGKILL runs no clean-up: the workers notice that their parent is gone and exit within
+    seconds instead of living on as orphans."""
+    marker = f"diffjax-test-{os.getpid()}-{time.time_ns()}"
+    with open(tmp_path / "log", "w") as log:  # not a pipe: orphans would hold it open
+        run = subprocess.run([sys.executable, "-c", _KILLED_PARENT], stdout=log, stderr=log,
+                             timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO), DIFFJAX_TEST_MARKER=marker))
+    assert run.returncode == -signal.SIGKILL, (tmp_path / "log").read_text()[-2000:]
+    deadline = time.time() + 15
+    while _live_workers(marker) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _live_workers(marker)
+
+
+@pytest.mark.parametrize("field, value", [("workers", -1), ("threads", 1.5), ("prefetch", 0)])
+def test_loading_settings_name_the_fix(field, value):
+    with pytest.raises(ValueError, match=f"data.{field}={value}"):
+        D.DataConfig(**{field: value})
 
 
 def test_batch_not_divisible_by_processes_names_the_fix():

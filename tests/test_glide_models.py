@@ -236,7 +236,7 @@ def test_call_errors_name_the_fix(tiny):
 
 
 def test_convert_writes_a_loadable_checkpoint(tiny, tmp_path):
-    """The golden state dict as a real .pt -> python -m diffjax.convert's path -> the golden output
+    """The golden state dict as a real .pt -> python -m diffjax convert's path -> the golden output
     (computed here from a precomputed text embedding, the `text_emb=` path)."""
     g, module, _, apply = tiny
     pt = state_dict_file(tmp_path / "glide_tiny.pt", g.state_dict())

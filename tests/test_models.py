@@ -76,9 +76,9 @@ def test_both_conv3x3_algorithms_match_reference(golden, monkeypatch, algorithm)
     calls = []
     real = layers.conv3x3_winograd
     monkeypatch.setattr(layers, "conv3x3_winograd", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(layers, "CONV3X3_ALGORITHM", algorithm)
     g = golden("unet_cond32")
     module, variables = _model_and_vars(g)
+    module = module.clone(conv_algorithm=algorithm)
     err = rel_err(_forward(module, variables, g), nchw_to_nhwc(g["out"]))
     assert err <= PARITY_TOL, f"{algorithm}: rel err {err:.2e}"
     assert bool(calls) == (algorithm == "winograd")
@@ -112,14 +112,76 @@ def test_winograd_conv_matches_float64_convolution(shape):
         assert rel_err(a, b) <= 2e-6
 
 
-def test_winograd_conv_refuses_what_it_cannot_do(monkeypatch):
+def test_winograd_conv_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="even H, W"):
         layers.conv3x3_winograd(np.zeros((1, 5, 6, 2), np.float32), np.zeros((3, 3, 2, 2), np.float32))
-    monkeypatch.setattr(layers, "CONV3X3_ALGORITHM", "fast")
-    with pytest.raises(ValueError, match="DIFFJAX_CONV3X3='fast'"):
+    with pytest.raises(ValueError, match="conv_algorithm='fast'"):
         layers.conv_general_dilated(np.zeros((1, 16, 16, 2), np.float32),
                                     np.zeros((3, 3, 2, 2), np.float32), (1, 1), ((1, 1), (1, 1)),
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), algorithm="fast")
+
+
+@pytest.mark.parametrize("field, value", [("conv_algorithm", "fast"), ("attention_impl", "flash")])
+def test_bad_kernel_choices_are_named(field, value):
+    with pytest.raises(ValueError, match=f"UNetModel: {field}={value!r} is not one of"):
+        build("UNetModel", **_SMALL).clone(**{field: value})
+
+
+# --- attention through jax.nn.dot_product_attention ------------------------------------------------
+
+@pytest.mark.parametrize("name", ["unet_cond32", "classifier32"])
+def test_dot_product_attention_matches_reference(golden, name):
+    """attention_impl='xla' (jax.nn.dot_product_attention) in every attention block reproduces the
+    original model: the legacy head order (unet_cond32) and AttentionPool2d's new order over
+    HW + 1 tokens (classifier32)."""
+    g = golden(name)
+    module, variables = _model_and_vars(g)
+    err = rel_err(_forward(module.clone(attention_impl="xla"), variables, g), nchw_to_nhwc(g["out"]))
+    assert err <= PARITY_TOL, f"{name}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_dot_product_attention_with_encoder_tokens_matches_float64(legacy):
+    """GLIDE's case: S extra keys and values before the T own ones; impl='xla' against the closed
+    form softmax(q [ek; k]^T / sqrt(c)) [ev; v] in float64."""
+    b, t, s, heads, c = 2, 6, 3, 2, 8
+    rng = np.random.default_rng(1)
+    qkv, ekv = rng.normal(size=(b, t, 3 * heads * c)), rng.normal(size=(b, s, 2 * heads * c))
+    if legacy:
+        q, k, v = np.moveaxis(qkv.reshape(b, t, heads, 3, c), 3, 0)
+        ek, ev = np.moveaxis(ekv.reshape(b, s, heads, 2, c), 3, 0)
+    else:
+        q, k, v = np.moveaxis(qkv.reshape(b, t, 3, heads, c), 2, 0)
+        ek, ev = np.moveaxis(ekv.reshape(b, s, 2, heads, c), 2, 0)
+    k, v = np.concatenate([ek, k], 1), np.concatenate([ev, v], 1)
+    logits = np.einsum("bthc,bshc->bhts", q, k) / np.sqrt(c)
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    want = np.einsum("bhts,bshc->bthc", w / w.sum(-1, keepdims=True), v).reshape(b, t, heads * c)
+    got = qkv_attention(jnp.asarray(qkv, jnp.float32), heads, legacy=legacy,
+                        encoder_kv=jnp.asarray(ekv, jnp.float32), impl="xla")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cudnn_attention_needs_what_flash_attention_supports():
+    qkv = jnp.zeros((1, 4, 3 * 2 * 16), jnp.float32)
+    with pytest.raises(ValueError, match="attention_impl='cudnn'.*float32 and 16"):
+        qkv_attention(qkv, 2, legacy=True, impl="cudnn")
+    if jax.default_backend() != "gpu":  # "auto" is cuDNN only where it can run
+        assert layers._attention_implementation("auto", jnp.bfloat16, 64) == "einsum"
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_cudnn_flash_attention_matches_einsum_attention_on_gpu(golden):
+    """bfloat16 compute (2 heads of 32 channels: a width cuDNN supports), cuDNN flash attention vs
+    guided-diffusion's einsum attention with the same parameters: equal to bfloat16 rounding, and
+    the compiled program really calls cuDNN."""
+    g = golden("unet_cond32")
+    module, variables = _model_and_vars(g, dtype=jnp.bfloat16)
+    flash = module.clone(attention_impl="cudnn")
+    assert rel_err(_forward(flash, variables, g), _forward(module, variables, g)) <= 2e-2
+    x, t, kw = _inputs(g)
+    hlo = jax.jit(lambda v, x, t, kw: flash.apply(v, x, t, **kw)).lower(variables, x, t, kw).as_text()
+    assert "cudnn" in hlo
 
 
 def test_classifier_guidance_gradient_matches_reference(golden):

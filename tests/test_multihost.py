@@ -90,8 +90,8 @@ def _write_config(path, images, every=4, extra=""):
 
 
 def _one_process(config, workdir, env, devices=2):
-    """`python -m diffjax.train` in one process with `devices` CPU devices (no jax.distributed)."""
-    run = subprocess.run([sys.executable, "-m", "diffjax.train", "--config", str(config),
+    """`python -m diffjax train` in one process with `devices` CPU devices (no jax.distributed)."""
+    run = subprocess.run([sys.executable, "-m", "diffjax", "train", "--config", str(config),
                           "--workdir", str(workdir)], env=dict(env, JAX_NUM_CPU_DEVICES=str(devices)),
                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=REPO)
     assert run.returncode == 0, run.stderr[-4000:]
@@ -119,7 +119,7 @@ def _spawn(n, config, workdir, env, logdir):
     for i in range(n):
         log = open(logdir / f"p{i}.log", "w")
         procs.append(subprocess.Popen(
-            [sys.executable, "-u", "-m", "diffjax.train", f"--coordinator_address=127.0.0.1:{port}",
+            [sys.executable, "-u", "-m", "diffjax", "train", f"--coordinator_address=127.0.0.1:{port}",
              f"--num_processes={n}", f"--process_id={i}", f"--heartbeat_timeout={HEARTBEAT_S}",
              "--config", str(config), "--workdir", str(workdir)],
             env=dict(env, JAX_NUM_CPU_DEVICES="1"), stdout=subprocess.DEVNULL, stderr=log,
@@ -222,6 +222,43 @@ def test_checkpoints_restore_across_process_counts(runs):
         assert diff < 1e-5
     assert _max_diff(_state(runs["one"], 4)[0], _state(runs["one_then_two"], 4)[0]) == 0.0
     assert _max_diff(_state(runs["one_then_two"], 8)[0], _state(runs["two_then_one"], 8)[0]) == 0.0
+
+
+def _losses(workdir):
+    """{step: logged loss} of a run (only process 0 writes them)."""
+    rows = map(json.loads, (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def test_the_process_layout_changes_no_bit(runs):
+    """The same devices (a 2-device mesh), spread over 1 process or 2: every device runs the same
+    program on the same rows and the gradient all-reduce adds the same 2 partial sums (a + b is
+    exact-commutative), so the runs are bit-identical: every state leaf, every logged loss."""
+    one, two = _state(runs["one"])[0], _state(runs["one_then_two"])[0]
+    assert _max_diff(one, two) == 0.0
+    losses = _losses(runs["one_then_two"])
+    assert losses == {k: v for k, v in _losses(runs["one"]).items() if k in losses}
+
+
+def test_another_device_count_changes_only_the_rounding_of_the_batch_sum(tmp_path, runs, images,
+                                                                         env):
+    """1 device instead of 2, from the same checkpoint (step 4): step 5 sees the same parameters,
+    batch, timesteps and noise, and computes the same per-example losses l_i >= 0; only the batch
+    mean is summed differently (8 terms at once vs 4 + 4 and an all-reduce). Any order of summing
+    B terms errs by at most (B - 1) u sum |l_i| (Higham, Accuracy and Stability of Numerical
+    Algorithms, 2002, eq. 4.4; u = 2^-24), so the two logged losses differ by at most
+    2 (B - 1) u mean(l). Parameters are not bounded this way after more steps: Adam divides by
+    sqrt(v) + eps, so a parameter whose gradient is ~0 moves by O(lr) on that rounding
+    (docs/pods.md, "Determinism")."""
+    config = tmp_path / "config.py"
+    config.write_text(_config_text(images, 5, every=5))  # total_steps does not enter step 5's loss
+    _resume_from(runs["one"], 4, tmp_path / "one_device")
+    _one_process(config, tmp_path / "one_device", env, devices=1)
+    got, want = _losses(tmp_path / "one_device")[5], _losses(runs["one"])[5]
+    batch, u = 8, 2.0 ** -24
+    print(f"step 5 loss, 1 device {got!r} vs 2 devices {want!r}: rel {abs(got - want) / want:.2g} "
+          f"(bound {2 * (batch - 1) * u:.2g})")
+    assert abs(got - want) <= 2 * (batch - 1) * u * want
 
 
 # --------------------------------------------------------------------------- failures
@@ -327,6 +364,34 @@ def test_default_config_two_processes_match_one(tmp_path, env):
     diff = _max_diff(one, two)
     print(f"default config: max |param 1 process - 2 processes| = {diff:.3g}")
     assert diff < 1e-5
+
+
+class _FakeDevice:
+    def __init__(self, id, process_index):
+        self.id, self.process_index = id, process_index
+
+
+def test_mesh_keeps_each_process_on_a_contiguous_block_of_the_batch():
+    """A topology order that interleaves two hosts' devices (as a TPU ring order may) becomes
+    process-major, each process's devices keeping their order; an ordered grid stays as it is."""
+    from diffjax import parallel
+
+    grid = np.empty(8, dtype=object)
+    grid[:] = [_FakeDevice(i, i % 2) for i in range(8)]
+    out = parallel.process_major(grid.reshape(4, 2))
+    assert out.shape == (4, 2)
+    assert [d.id for d in out.flat] == [0, 2, 4, 6, 1, 3, 5, 7]
+    assert [d.id for d in parallel.process_major(out).flat] == [0, 2, 4, 6, 1, 3, 5, 7]
+
+
+def test_make_mesh_uses_every_device_with_auto_axes():
+    from diffjax import parallel
+
+    mesh = parallel.make_mesh(2)
+    assert dict(mesh.shape) == {"data": jax.device_count() // 2, "fsdp": 2}
+    assert set(mesh.devices.flat) == set(jax.devices())
+    assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    assert parallel.make_mesh(1, jax.devices()[:2]).devices.size == 2
 
 
 # --------------------------------------------------------------------------- start-up logic

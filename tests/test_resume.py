@@ -1,4 +1,4 @@
-"""Exact resume: `python -m diffjax.train` killed with SIGKILL at a random moment and restarted
+"""Exact resume: `python -m diffjax train` killed with SIGKILL at a random moment and restarted
 with the same command ends with bit-identical state (parameters, EMA, optimizer state, rng,
 timestep-sampler state) to an uninterrupted run; SIGTERM saves and exits."""
 import os
@@ -41,7 +41,7 @@ CONFIG = textwrap.dedent(f"""
 
 
 def _command(config, workdir):
-    return [sys.executable, "-m", "diffjax.train", "--config", str(config), "--workdir", str(workdir)]
+    return [sys.executable, "-m", "diffjax", "train", "--config", str(config), "--workdir", str(workdir)]
 
 
 def _env():

@@ -515,7 +515,7 @@ def test_mutants_load_or_are_refused(results):
 
 
 def test_convert_refuses_with_one_line_and_writes_nothing(tmp_path, monkeypatch):
-    """`python -m diffjax.convert` on a hostile file: `error: ...`, non-zero exit, no output."""
+    """`python -m diffjax convert` on a hostile file: `error: ...`, non-zero exit, no output."""
     from diffjax import convert
 
     hostile = write_zip(tmp_path / "hostile.pt", *_one_tensor((65536, 65536), (0, 0)))

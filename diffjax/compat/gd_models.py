@@ -46,7 +46,7 @@ _GD_KWARGS = {
     "SuperResModel": _UNET_KWARGS,
     "EncoderUNetModel": tuple(k for k in _UNET_KWARGS if k != "num_classes") + ("pool",),
 }
-_DIFFJAX_KWARGS = ("dtype", "precision")  # diffjax-only extras
+_DIFFJAX_KWARGS = ("dtype", "precision", "conv_algorithm", "attention_impl")  # diffjax-only extras
 
 
 # --- defaults (guided_diffusion.script_util) ----------------------------------------------------

@@ -46,7 +46,7 @@ _UNET_KWARGS = ("in_channels", "model_channels", "out_channels", "num_res_blocks
                 "num_heads_upsample", "use_scale_shift_norm", "resblock_updown")
 _TEXT_KWARGS = ("text_ctx", "xf_width", "xf_layers", "xf_heads", "xf_final_ln", "n_vocab",
                 "cache_text_emb", "xf_ar", "xf_padding", "share_unemb")
-_DIFFJAX_KWARGS = ("image_size", "dtype", "precision")
+_DIFFJAX_KWARGS = ("image_size", "dtype", "precision", "conv_algorithm", "attention_impl")
 
 
 def build(model_class, **model_kwargs):

@@ -66,7 +66,8 @@ class EncoderUNetModel(ADMTrunk):
         if self.pool == "adaptive":
             h = h.mean(axis=(1, 2), keepdims=True)
             h = conv(self.out_channels, h.shape[-1], 1, zero_init=True, precision=self.precision,
-                     name="out_3")(h)
+                     algorithm=self.conv_algorithm, name="out_3")(h)
             return h.reshape(h.shape[0], self.out_channels)
         return AttentionPool2d(self.image_size // ds, self.num_head_channels, self.out_channels,
-                               precision=self.precision, name="out_2")(h)
+                               precision=self.precision, conv_algorithm=self.conv_algorithm,
+                               attention_impl=self.attention_impl, name="out_2")(h)

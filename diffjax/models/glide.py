@@ -57,6 +57,7 @@ class MultiheadAttention(nn.Module):
     heads: int
     dtype: Any = jnp.float32
     precision: Any = None
+    attention_impl: str = "einsum"  # diffjax.models.layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x):
@@ -66,7 +67,8 @@ class MultiheadAttention(nn.Module):
                              f"divisor of {width}")
         qkv = linear(3 * width, width, dtype=self.dtype, precision=self.precision, name="c_qkv")(x)
         h = qkv_attention(qkv, self.heads, legacy=True,
-                          precision=default_precision(self.dtype, self.precision))
+                          precision=default_precision(self.dtype, self.precision),
+                          impl=self.attention_impl)
         return linear(width, width, dtype=self.dtype, precision=self.precision, name="c_proj")(h)
 
 
@@ -89,10 +91,12 @@ class ResidualAttentionBlock(nn.Module):
     heads: int
     dtype: Any = jnp.float32
     precision: Any = None
+    attention_impl: str = "einsum"  # diffjax.models.layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x):
-        x = x + MultiheadAttention(self.heads, self.dtype, self.precision, name="attn")(
+        x = x + MultiheadAttention(self.heads, self.dtype, self.precision, self.attention_impl,
+                                   name="attn")(
             LayerNorm32(name="ln_1")(x))
         return x + MLP(self.dtype, self.precision, name="mlp")(LayerNorm32(name="ln_2")(x))
 
@@ -104,11 +108,12 @@ class Transformer(nn.Module):
     heads: int
     dtype: Any = jnp.float32
     precision: Any = None
+    attention_impl: str = "einsum"  # diffjax.models.layers.ATTENTION_IMPLS
 
     @nn.compact
     def __call__(self, x):
         for i in range(self.layers):
-            x = ResidualAttentionBlock(self.heads, self.dtype, self.precision,
+            x = ResidualAttentionBlock(self.heads, self.dtype, self.precision, self.attention_impl,
                                        name=f"resblocks_{i}")(x)
         return x
 
@@ -176,7 +181,8 @@ class Text2ImUNet(UNetModel):
         # The text encoder is built in setup so that get_text_emb can run on its own (method=...).
         if not self.xf_width:
             return
-        self.transformer = Transformer(self.xf_layers, self.xf_heads, self.dtype, self.precision)
+        self.transformer = Transformer(self.xf_layers, self.xf_heads, self.dtype, self.precision,
+                                       self.attention_impl)
         self.final_ln = LayerNorm32() if self.xf_final_ln else None
         self.token_embedding = nn.Embed(self.n_vocab, self.xf_width, param_dtype=jnp.float32,
                                         embedding_init=nn.initializers.normal(1.0))

@@ -14,17 +14,20 @@ Initialisation follows PyTorch's defaults (conv / linear weights and biases U(-1
 1/sqrt(fan_in)), GroupNorm (1, 0), embeddings N(0, 1)) and guided-diffusion's `zero_module` for the
 output convolution of each residual branch, so freshly built models train like the original.
 
-Convolutions go through `conv_general_dilated`, which can run stride-1 3x3 float32 convolutions of
-at least 16x16 pixels as Winograd F(2x2, 3x3) (opt-in, see CONV3X3_ALGORITHM); the parameters are
-those of a plain convolution either way.
+Two kernel choices are module fields, threaded from the model down to every block like `precision`
+(they change how values are computed, never the parameters):
+* `conv_algorithm` (CONV_ALGORITHMS): stride-1 3x3 float32 convolutions of at least 16x16 pixels run
+  as XLA's convolution ("direct", the default) or Winograd F(2x2, 3x3) (`conv3x3_winograd`);
+* `attention_impl` (ATTENTION_IMPLS): guided-diffusion's einsum attention (the default) or
+  `jax.nn.dot_product_attention` (XLA, or cuDNN flash attention on NVIDIA GPUs).
 
 Precision: `precision=None` means `lax.Precision.HIGHEST` for float32 compute (no silent TF32 /
 bf16-pass matmuls on GPU or TPU; on CPU it costs nothing) and the backend default for bfloat16.
 """
 from __future__ import annotations
 
+import functools
 import math
-import os
 from typing import Any, Optional
 
 import jax
@@ -80,14 +83,14 @@ def torch_bias_init(fan_in: int):
 
 # --- 3x3 convolution by Winograd's minimal filtering on CPU ------------------------------------
 
-CONV3X3_ALGORITHM = os.environ.get("DIFFJAX_CONV3X3", "direct")
-"""How stride-1 3x3 float32 convolutions run: "direct" (XLA's convolution, the default), "winograd"
-(`conv3x3_winograd` wherever it applies) or "auto" (winograd on the CPU backend, direct elsewhere:
-cuDNN / the TPU compiler pick their own algorithms). Set by the DIFFJAX_CONV3X3 environment variable;
-read when a model is traced, so set it before the first call. Opt-in for now: with "auto" as the
-default, two clean-clone CI runs each had one unrelated sampling test read a stale or NaN result
-(a toy model without convolutions, after the parity tests had run Winograd graphs), which never
-reproduced in isolation; until that is understood the faster path is not the default."""
+CONV_ALGORITHMS = ("direct", "winograd", "auto")
+"""Values of the `conv_algorithm` field: how stride-1 3x3 float32 convolutions run. "direct" (XLA's
+convolution, the default), "winograd" (`conv3x3_winograd` wherever it applies) or "auto" (winograd on
+the CPU backend, direct elsewhere: cuDNN / the TPU compiler pick their own algorithms). Opt-in for
+now: with "auto" as the default, two clean-clone CI runs each had one unrelated sampling test read a
+stale or NaN result (a toy model without convolutions, after the parity tests had run Winograd
+graphs), which never reproduced in isolation; until that is understood the faster path is not the
+default."""
 
 WINOGRAD_MIN_SIZE = 16
 """Below 16x16 pixels the transforms cost more than the 2.25x fewer multiplications save (measured on
@@ -140,11 +143,16 @@ def conv3x3_winograd(x, kernel, precision: Precision = None):
     return jnp.stack(y, axis=2).reshape(b, h, w, -1)                  # [b, th, 2, tw, 2, O]
 
 
-def _use_winograd(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                  feature_group_count) -> bool:
-    algorithm = CONV3X3_ALGORITHM
-    if algorithm not in ("auto", "winograd", "direct"):
-        raise ValueError(f"DIFFJAX_CONV3X3={algorithm!r}: use 'auto', 'winograd' or 'direct'")
+def check_choice(field: str, value: str, choices) -> str:
+    """`value` if it is one of `choices`, else a ValueError naming the field and the choices."""
+    if value not in choices:
+        raise ValueError(f"{field}={value!r} is not one of {choices}")
+    return value
+
+
+def _use_winograd(algorithm, lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                  dimension_numbers, feature_group_count) -> bool:
+    check_choice("conv_algorithm", algorithm, CONV_ALGORITHMS)
     if algorithm == "direct" or (algorithm == "auto" and jax.default_backend() != "cpu"):
         return False
     if lhs.ndim != 4 or rhs.shape[:2] != (3, 3) or feature_group_count != 1:
@@ -159,11 +167,12 @@ def _use_winograd(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+                         dimension_numbers=None, feature_group_count=1, precision=None, *,
+                         algorithm: str = "direct", **kwargs):
     """`lax.conv_general_dilated`, with stride-1 3x3 float32 NHWC convolutions of at least
-    WINOGRAD_MIN_SIZE pixels routed to `conv3x3_winograd` as CONV3X3_ALGORITHM says."""
-    if not kwargs and _use_winograd(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                    dimension_numbers, feature_group_count):
+    WINOGRAD_MIN_SIZE pixels routed to `conv3x3_winograd` as `algorithm` (CONV_ALGORITHMS) says."""
+    if not kwargs and _use_winograd(algorithm, lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers, feature_group_count):
         return conv3x3_winograd(lhs, rhs, precision)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                     dimension_numbers, feature_group_count, precision=precision, **kwargs)
@@ -171,11 +180,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 def conv(features: int, in_features: int, kernel_size: int = 3, *, ndim: int = 2, stride: int = 1,
          zero_init: bool = False, dtype: Dtype = jnp.float32, precision: Precision = None,
-         name: Optional[str] = None) -> nn.Conv:
+         algorithm: str = "direct", name: Optional[str] = None) -> nn.Conv:
     """A PyTorch-equivalent `conv_nd(ndim, in, features, k, stride, padding=k // 2)`.
 
     ndim=1 is guided-diffusion's 1x1 `conv_nd(1, ...)` over tokens `[B, T, C]`; its Flax kernel is
     `[1, in, out]` (PyTorch `[out, in, 1]`). `zero_init` is guided-diffusion's `zero_module`.
+    `algorithm`: CONV_ALGORITHMS (3x3 convolutions only; the parameters do not depend on it).
     """
     fan_in = in_features * kernel_size ** ndim
     pad = kernel_size // 2
@@ -184,7 +194,7 @@ def conv(features: int, in_features: int, kernel_size: int = 3, *, ndim: int = 2
         dtype=dtype, param_dtype=jnp.float32, precision=default_precision(dtype, precision),
         kernel_init=nn.initializers.zeros if zero_init else torch_kernel_init,
         bias_init=nn.initializers.zeros if zero_init else torch_bias_init(fan_in),
-        conv_general_dilated=conv_general_dilated, name=name)
+        conv_general_dilated=functools.partial(conv_general_dilated, algorithm=algorithm), name=name)
 
 
 def linear(features: int, in_features: int, *, dtype: Dtype = jnp.float32,
@@ -264,13 +274,14 @@ class Upsample(nn.Module):
     out_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     precision: Precision = None
+    conv_algorithm: str = "direct"
 
     @nn.compact
     def __call__(self, x):
         x = upsample_nearest(x)
         if self.use_conv:
             x = conv(self.out_channels or x.shape[-1], x.shape[-1], 3, dtype=self.dtype,
-                     precision=self.precision, name="conv")(x)
+                     precision=self.precision, algorithm=self.conv_algorithm, name="conv")(x)
         return x
 
 
@@ -280,13 +291,14 @@ class Downsample(nn.Module):
     out_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     precision: Precision = None
+    conv_algorithm: str = "direct"
 
     @nn.compact
     def __call__(self, x):
         out_channels = self.out_channels or x.shape[-1]
         if self.use_conv:
             return conv(out_channels, x.shape[-1], 3, stride=2, dtype=self.dtype,
-                        precision=self.precision, name="op")(x)
+                        precision=self.precision, algorithm=self.conv_algorithm, name="op")(x)
         if out_channels != x.shape[-1]:
             raise ValueError(f"Downsample without a conv cannot change channels "
                              f"({x.shape[-1]} -> {out_channels}): set use_conv=True")
@@ -316,6 +328,7 @@ class ResBlock(nn.Module):
     deterministic: bool = True
     dtype: Dtype = jnp.float32
     precision: Precision = None
+    conv_algorithm: str = "direct"
 
     @nn.compact
     def __call__(self, x, emb):
@@ -327,7 +340,7 @@ class ResBlock(nn.Module):
         elif self.down:
             h, x = avg_pool2(h), avg_pool2(x)
         h = conv(out_ch, channels, 3, dtype=self.dtype, precision=self.precision,
-                 name="in_layers_2")(h)
+                 algorithm=self.conv_algorithm, name="in_layers_2")(h)
 
         emb_ch = 2 * out_ch if self.use_scale_shift_norm else out_ch
         emb_out = linear(emb_ch, emb.shape[-1], precision=self.precision,
@@ -340,11 +353,12 @@ class ResBlock(nn.Module):
             h = out_norm(h + emb_out)
         h = nn.Dropout(self.dropout, deterministic=self.deterministic)(nn.silu(h))
         h = conv(out_ch, out_ch, 3, zero_init=True, dtype=self.dtype, precision=self.precision,
-                 name="out_layers_3")(h)
+                 algorithm=self.conv_algorithm, name="out_layers_3")(h)
 
         if out_ch != channels:
             x = conv(out_ch, channels, 3 if self.use_conv else 1, dtype=self.dtype,
-                     precision=self.precision, name="skip_connection")(x)
+                     precision=self.precision, algorithm=self.conv_algorithm,
+                     name="skip_connection")(x)
         return x + h
 
 
@@ -364,7 +378,31 @@ def attention_heads(channels: int, num_heads: int, num_head_channels: int) -> in
     return channels // num_head_channels
 
 
-def qkv_attention(qkv, num_heads: int, *, legacy: bool, precision: Precision = None, encoder_kv=None):
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn", "auto")
+"""Values of the `attention_impl` field: "einsum" (guided-diffusion's operation order: q and k each
+scaled by c^(-1/4), float32 softmax; the default), "xla" / "cudnn" (`jax.nn.dot_product_attention`
+with that implementation: logits scaled by c^(-1/2), float32 softmax; "cudnn" is cuDNN's flash
+attention, NVIDIA GPUs with bfloat16 / float16 compute and head widths of at most 128, a multiple of
+8) or "auto" (cudnn where it applies, einsum elsewhere). All agree to float rounding."""
+
+
+def _attention_implementation(impl: str, dtype, head_channels: int) -> str:
+    """The implementation `impl` resolves to for q of `dtype` with `head_channels` per head."""
+    check_choice("attention_impl", impl, ATTENTION_IMPLS)
+    flash_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+                and head_channels <= 128 and head_channels % 8 == 0)
+    if impl == "auto":
+        return "cudnn" if flash_ok and jax.default_backend() == "gpu" else "einsum"
+    if impl == "cudnn" and not flash_ok:
+        raise ValueError(f"attention_impl='cudnn' (cuDNN flash attention) needs bfloat16 or float16 "
+                         f"compute and a head width <= 128 that is a multiple of 8, got "
+                         f"{jnp.dtype(dtype).name} and {head_channels}: use dtype=bfloat16, "
+                         f"other heads, or attention_impl='auto'")
+    return impl
+
+
+def qkv_attention(qkv, num_heads: int, *, legacy: bool, precision: Precision = None, encoder_kv=None,
+                  impl: str = "einsum"):
     """Multi-head dot-product attention over packed q, k, v (GD's QKVAttentionLegacy / QKVAttention).
 
     qkv: [B, T, 3 * H * c]. The channel axis is split as (H, 3, c) in the legacy order (heads first,
@@ -375,6 +413,10 @@ def qkv_attention(qkv, num_heads: int, *, legacy: bool, precision: Precision = N
     encoder_kv: optional [B, S, 2 * H * c] extra keys and values (GLIDE's text tokens, split as
     (H, 2, c) legacy / (2, H, c) new order) that every query also attends to, placed before the
     T own keys as glide-text2im's QKVAttention concatenates them.
+
+    impl: ATTENTION_IMPLS; "xla" and "cudnn" call `jax.nn.dot_product_attention` on the same
+    [B, T, H, c] q, k, v (`precision` HIGHEST is kept with the default-precision context, as it
+    takes no precision argument).
     """
     b, t, width = qkv.shape
     ch = width // (3 * num_heads)
@@ -393,11 +435,25 @@ def qkv_attention(qkv, num_heads: int, *, legacy: bool, precision: Precision = N
             ek, ev = jnp.moveaxis(encoder_kv.reshape(b, s, 2, num_heads, ch), 2, 0)
         k = jnp.concatenate([ek.astype(k.dtype), k], axis=1)
         v = jnp.concatenate([ev.astype(v.dtype), v], axis=1)
+    impl = _attention_implementation(impl, q.dtype, ch)
+    if impl != "einsum":
+        with jax.default_matmul_precision(_precision_name(precision)):
+            out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(ch),
+                                               implementation=impl)
+        return out.reshape(b, t, num_heads * ch)
     scale = 1.0 / math.sqrt(math.sqrt(ch))
     weight = jnp.einsum("bthc,bshc->bhts", q * scale, k * scale, precision=precision)
     weight = jax.nn.softmax(weight.astype(jnp.float32), axis=-1).astype(weight.dtype)
     out = jnp.einsum("bhts,bshc->bthc", weight, v, precision=precision)
     return out.reshape(b, t, num_heads * ch)
+
+
+def _precision_name(precision: Precision) -> Optional[str]:
+    """jax.default_matmul_precision's name of a lax.Precision (None: the backend default)."""
+    if precision is None:
+        return None
+    return {lax.Precision.DEFAULT: "bfloat16", lax.Precision.HIGH: "tensorfloat32",
+            lax.Precision.HIGHEST: "float32"}[lax.Precision(precision)]
 
 
 class AttentionBlock(nn.Module):
@@ -417,6 +473,8 @@ class AttentionBlock(nn.Module):
     encoder_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     precision: Precision = None
+    conv_algorithm: str = "direct"
+    attention_impl: str = "einsum"
 
     @nn.compact
     def __call__(self, x, encoder_out=None):
@@ -424,7 +482,7 @@ class AttentionBlock(nn.Module):
         heads = attention_heads(c, self.num_heads, self.num_head_channels)
         tokens = x.reshape(b, hh * ww, c)
         qkv = conv(3 * c, c, 1, ndim=1, dtype=self.dtype, precision=self.precision,
-                   name="qkv")(GroupNorm32(name="norm")(tokens))
+                   algorithm=self.conv_algorithm, name="qkv")(GroupNorm32(name="norm")(tokens))
         encoder_kv = None
         if self.encoder_channels is not None:
             if encoder_out is None or encoder_out.shape[-1] != self.encoder_channels:
@@ -432,15 +490,15 @@ class AttentionBlock(nn.Module):
                 raise ValueError(f"AttentionBlock with encoder_channels={self.encoder_channels} needs "
                                  f"encoder_out [B, S, {self.encoder_channels}], got {got}")
             encoder_kv = conv(2 * c, self.encoder_channels, 1, ndim=1, dtype=self.dtype,
-                              precision=self.precision,
+                              precision=self.precision, algorithm=self.conv_algorithm,
                               name="encoder_kv")(encoder_out.astype(self.dtype))
         elif encoder_out is not None:
             raise ValueError("AttentionBlock got encoder_out but was built without encoder_channels")
         h = qkv_attention(qkv, heads, legacy=not self.use_new_attention_order,
                           precision=default_precision(self.dtype, self.precision),
-                          encoder_kv=encoder_kv)
+                          encoder_kv=encoder_kv, impl=self.attention_impl)
         h = conv(c, c, 1, ndim=1, zero_init=True, dtype=self.dtype, precision=self.precision,
-                 name="proj_out")(h)
+                 algorithm=self.conv_algorithm, name="proj_out")(h)
         return (tokens + h).reshape(b, hh, ww, c)
 
 
@@ -457,6 +515,8 @@ class AttentionPool2d(nn.Module):
     output_dim: Optional[int] = None
     dtype: Dtype = jnp.float32
     precision: Precision = None
+    conv_algorithm: str = "direct"
+    attention_impl: str = "einsum"
 
     @nn.compact
     def __call__(self, x):
@@ -472,9 +532,10 @@ class AttentionPool2d(nn.Module):
         tokens = jnp.concatenate([tokens.mean(axis=1, keepdims=True), tokens], axis=1)
         tokens = tokens + pos.T.astype(tokens.dtype)[None]
         qkv = conv(3 * c, c, 1, ndim=1, dtype=self.dtype, precision=self.precision,
-                   name="qkv_proj")(tokens)
+                   algorithm=self.conv_algorithm, name="qkv_proj")(tokens)
         h = qkv_attention(qkv, heads, legacy=False,
-                          precision=default_precision(self.dtype, self.precision))
+                          precision=default_precision(self.dtype, self.precision),
+                          impl=self.attention_impl)
         h = conv(self.output_dim or c, c, 1, ndim=1, dtype=self.dtype, precision=self.precision,
-                 name="c_proj")(h)
+                 algorithm=self.conv_algorithm, name="c_proj")(h)
         return h[:, 0]

@@ -12,6 +12,10 @@ guided-diffusion's `convert_to_fp16` converts only those; the timestep / class e
 output head run in float32, parameters are float32, GroupNorm statistics and softmax are float32.
 `use_checkpoint=True` wraps every ResBlock and AttentionBlock in `nn.remat` (same values, less
 activation memory in the backward pass).
+
+Kernels (`diffjax.models.layers`): `conv_algorithm` (CONV_ALGORITHMS: "direct", "winograd", "auto")
+and `attention_impl` (ATTENTION_IMPLS: "einsum", "xla", "cudnn", "auto") reach every convolution and
+attention of the model; they change how values are computed (to float rounding), never parameters.
 """
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from diffjax.models.layers import (
-    GROUPS, AttentionBlock, Downsample, GroupNorm32, ResBlock, Upsample, attention_heads, conv,
-    linear, resize_bilinear_torch, timestep_embedding)
+    ATTENTION_IMPLS, CONV_ALGORITHMS, GROUPS, AttentionBlock, Downsample, GroupNorm32, ResBlock,
+    Upsample, attention_heads, check_choice, conv, linear, resize_bilinear_torch,
+    timestep_embedding)
 
 _COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -50,6 +55,8 @@ class ADMTrunk(nn.Module):
     use_new_attention_order: bool = False
     dtype: Any = jnp.float32
     precision: Any = None
+    conv_algorithm: str = "direct"
+    attention_impl: str = "einsum"
 
     _has_decoder: ClassVar[bool] = False  # whether num_heads_upsample is used
 
@@ -113,6 +120,15 @@ class ADMTrunk(nn.Module):
                              f"choose from {_COMPUTE_DTYPES} (parameters are always float32)")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
             raise ValueError(f"{name}: image_size={self.image_size!r} must be a positive int or None")
+        try:
+            check_choice("conv_algorithm", self.conv_algorithm, CONV_ALGORITHMS)
+            check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+
+    def _kernels(self) -> dict:
+        """The compute settings every block and convolution of the model takes."""
+        return dict(dtype=self.dtype, precision=self.precision, conv_algorithm=self.conv_algorithm)
 
     def _encoder_channels(self) -> Optional[int]:
         """Channels of the tokens that attention blocks also attend to (GLIDE's text), or None."""
@@ -137,14 +153,13 @@ class ADMTrunk(nn.Module):
 
         def res(name, **kw):
             return res_cls(dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-                           deterministic=not train, dtype=self.dtype, precision=self.precision,
-                           name=name, **kw)
+                           deterministic=not train, name=name, **self._kernels(), **kw)
 
         def attn(name, num_heads):
             return attn_cls(num_heads=num_heads, num_head_channels=self.num_head_channels,
                             use_new_attention_order=self.use_new_attention_order,
                             encoder_channels=self._encoder_channels(),
-                            dtype=self.dtype, precision=self.precision, name=name)
+                            attention_impl=self.attention_impl, name=name, **self._kernels())
 
         return res, attn
 
@@ -174,7 +189,7 @@ class ADMTrunk(nn.Module):
         chans = self.level_channels()
         h = x.astype(self.dtype)
         h = conv(chans[0], h.shape[-1], 3, dtype=self.dtype, precision=self.precision,
-                 name="input_blocks_0_0")(h)
+                 algorithm=self.conv_algorithm, name="input_blocks_0_0")(h)
         hs, ds, idx = [h], 1, 1
         for level, ch in enumerate(chans):
             for _ in range(self.num_res_blocks):
@@ -187,8 +202,8 @@ class ADMTrunk(nn.Module):
                 if self.resblock_updown:
                     h = res(f"input_blocks_{idx}_0", out_channels=ch, down=True)(h, emb)
                 else:
-                    h = Downsample(self.conv_resample, ch, dtype=self.dtype,
-                                   precision=self.precision, name=f"input_blocks_{idx}_0")(h)
+                    h = Downsample(self.conv_resample, ch, name=f"input_blocks_{idx}_0",
+                                   **self._kernels())(h)
                 hs.append(h)
                 ds *= 2
                 idx += 1
@@ -254,15 +269,15 @@ class UNetModel(ADMTrunk):
                     if self.resblock_updown:
                         h = res(f"output_blocks_{idx}_{j}", out_channels=ch, up=True)(h, emb)
                     else:
-                        h = Upsample(self.conv_resample, ch, dtype=self.dtype, precision=self.precision,
-                                     name=f"output_blocks_{idx}_{j}")(h)
+                        h = Upsample(self.conv_resample, ch, name=f"output_blocks_{idx}_{j}",
+                                     **self._kernels())(h)
                     ds //= 2
                 idx += 1
 
         # The output head runs in float32, as in guided-diffusion (h.type(x.dtype) before self.out).
         h = nn.silu(GroupNorm32(name="out_0")(h.astype(jnp.float32)))
         return conv(self.out_channels, h.shape[-1], 3, zero_init=True, precision=self.precision,
-                    name="out_2")(h)
+                    algorithm=self.conv_algorithm, name="out_2")(h)
 
     def example_inputs(self, batch_size: int = 1):
         args, kwargs = super().example_inputs(batch_size)
