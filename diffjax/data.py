@@ -32,6 +32,9 @@ when it is asked for. Global batch k is made by one worker from the same records
 flips either way, and the batches come back in stream order, so the batches, their order and the
 iterator state do not depend on these settings; the state counts the batches handed out, not the
 ones prefetched, so a resumed run continues exactly where the saved one stopped.
+
+Why one module of ~580 lines: because the sources, the preprocessing and the ordered, resumable
+batching share one contract (the "Order" above); splitting it would spread that contract out.
 """
 from __future__ import annotations
 

@@ -78,10 +78,12 @@ class DistributedConfig:
                                            self.process_id))
 
 
-def detect_cluster(env: Mapping[str, str] = os.environ) -> str | None:
-    """The multi-process launcher visible in `env`, as JAX's own cluster detection sees it:
-    "env" (JAX_COORDINATOR_ADDRESS), "slurm" (more than one task), "openmpi", "cloud_tpu" (libtpu
-    installed), or None for a plain single process."""
+def detect_cluster(env: Mapping[str, str] | None = None) -> str | None:
+    """The multi-process launcher visible in `env` (default: this process's environment, read
+    now), as JAX's own cluster detection sees it: "env" (JAX_COORDINATOR_ADDRESS), "slurm" (more
+    than one task), "openmpi", "cloud_tpu" (libtpu installed), or None for a plain single
+    process."""
+    env = os.environ if env is None else env
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return "env"
     slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",

@@ -13,7 +13,7 @@ import scipy.linalg
 
 from diffjax.cli import evaluate as cli
 from diffjax.pipelines.evaluation import classifier as C
-from diffjax.sample import load_config
+from diffjax.cli.common import load_config_file as load_config
 from tests._util import REPO
 
 FMNIST = pathlib.Path("/usr/share/datasets/fashion-mnist")
@@ -145,7 +145,7 @@ def test_errors_name_the_fix(trained, tmp_path):
     with pytest.raises(ValueError, match="arr_0 images instead"):
         cli.main(["--classifier", str(trained), "--samples", str(tmp_path / "ok.npz"),
                   "--ref", str(tmp_path / "inception_ref.npz")])
-    with pytest.raises(SystemExit, match="diffjax.pipelines.evaluation.classifier --config"):
+    with pytest.raises(SystemExit, match="diffjax feature-classifier --config"):
         cli.main(["--classifier", str(tmp_path / "nowhere"), "--samples", str(tmp_path / "ok.npz")])
     config = load_config(str(REPO / "configs" / "feature_classifier_fashion_mnist.py"))
     config.model.widths = (8, 8, 8, 8, 8, 8)

@@ -16,7 +16,7 @@ from jax import lax
 from diffjax.compat.gd_models import (
     build, create_classifier, create_model, load_state_dict, sr_create_model, state_dict_shapes,
     variables_to_state_dict)
-from diffjax.models import layers
+from diffjax.models import layers, winograd
 from diffjax.models import GroupNorm32, qkv_attention, resize_bilinear_torch, timestep_embedding
 from tests._util import PRESETS, nchw_to_nhwc, rel_err
 
@@ -74,8 +74,8 @@ def test_both_conv3x3_algorithms_match_reference(golden, monkeypatch, algorithm)
     """Both ways of running the 3x3 convolutions (XLA's direct one and Winograd F(2x2,3x3), the CPU
     default) reproduce the original model; the counter proves the Winograd path really ran."""
     calls = []
-    real = layers.conv3x3_winograd
-    monkeypatch.setattr(layers, "conv3x3_winograd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = winograd.conv3x3_winograd
+    monkeypatch.setattr(winograd, "conv3x3_winograd", lambda *a, **k: calls.append(1) or real(*a, **k))
     g = golden("unet_cond32")
     module, variables = _model_and_vars(g)
     module = module.clone(conv_algorithm=algorithm)
@@ -97,7 +97,7 @@ def test_winograd_conv_matches_float64_convolution(shape):
     x = rng.standard_normal(shape).astype(np.float32)
     k = rng.standard_normal((3, 3, shape[-1], 24)).astype(np.float32)
     ref = _conv3x3_float64(x, k)
-    assert rel_err(layers.conv3x3_winograd(x, k), ref) <= 2e-6
+    assert rel_err(winograd.conv3x3_winograd(x, k), ref) <= 2e-6
     # and its gradients are those of the convolution (XLA's own, an independent implementation)
     r = rng.standard_normal(ref.shape).astype(np.float32)
 
@@ -106,7 +106,7 @@ def test_winograd_conv_matches_float64_convolution(shape):
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         precision=lax.Precision.HIGHEST)
 
-    got = jax.grad(lambda x, k: jnp.sum(layers.conv3x3_winograd(x, k) * r), (0, 1))(x, k)
+    got = jax.grad(lambda x, k: jnp.sum(winograd.conv3x3_winograd(x, k) * r), (0, 1))(x, k)
     want = jax.grad(lambda x, k: jnp.sum(direct(x, k) * r), (0, 1))(x, k)
     for a, b in zip(got, want):
         assert rel_err(a, b) <= 2e-6
@@ -114,9 +114,9 @@ def test_winograd_conv_matches_float64_convolution(shape):
 
 def test_winograd_conv_refuses_what_it_cannot_do():
     with pytest.raises(ValueError, match="even H, W"):
-        layers.conv3x3_winograd(np.zeros((1, 5, 6, 2), np.float32), np.zeros((3, 3, 2, 2), np.float32))
+        winograd.conv3x3_winograd(np.zeros((1, 5, 6, 2), np.float32), np.zeros((3, 3, 2, 2), np.float32))
     with pytest.raises(ValueError, match="conv_algorithm='fast'"):
-        layers.conv_general_dilated(np.zeros((1, 16, 16, 2), np.float32),
+        winograd.conv_general_dilated(np.zeros((1, 16, 16, 2), np.float32),
                                     np.zeros((3, 3, 2, 2), np.float32), (1, 1), ((1, 1), (1, 1)),
                                     dimension_numbers=("NHWC", "HWIO", "NHWC"), algorithm="fast")
 

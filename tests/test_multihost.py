@@ -49,9 +49,9 @@ def _config_text(data_path, total_steps, every, extra=""):
                           resize="center_crop", seed=1)
             c.model = dict(model_channels=32, num_res_blocks=0, channel_mult=(1,),
                            attention_resolutions=(), num_heads=1)
-            c.diffusion = dict(learn_sigma=True, diffusion_steps=100, noise_schedule="cosine")
-            c.train = dict(task="diffusion", conditioning="classifier_free", label_dropout=0.2,
-                           num_classes=4, batch_size=8, total_steps={total_steps},
+            c.diffusion = dict(beta_schedule="cosine", num_steps=100, variance="learned_range")
+            c.conditioning = {{"class": dict(num_classes=4, dropout=0.2)}}
+            c.train = dict(task="diffusion", batch_size=8, total_steps={total_steps},
                            steps_per_dispatch=1, ema_rates=(0.9,), seed=3)
             c.optim = dict(lr=1e-3, warmup_steps=2, schedule="cosine")
             c.checkpoint = dict(every={every}, keep=20, async_save=True)

@@ -27,9 +27,9 @@ CONFIG = textwrap.dedent(f"""
         c.data = dict(source="fashion_mnist", image_size=32, channels=1, resize="pad", seed=1)
         c.model = dict(model_channels=32, num_res_blocks=0, channel_mult=(1, 1),
                        attention_resolutions=(), num_heads=1)
-        c.diffusion = dict(learn_sigma=True, diffusion_steps=100, noise_schedule="cosine")
-        c.train = dict(task="diffusion", conditioning="classifier_free", label_dropout=0.2,
-                       num_classes=10, batch_size=8, total_steps={TOTAL_STEPS},
+        c.diffusion = dict(beta_schedule="cosine", num_steps=100, variance="learned_range")
+        c.conditioning = {{"class": dict(num_classes=10, dropout=0.2)}}
+        c.train = dict(task="diffusion", batch_size=8, total_steps={TOTAL_STEPS},
                        steps_per_dispatch=2, ema_rates=(0.9, 0.999),
                        schedule_sampler="loss-second-moment", seed=3)
         c.optim = dict(lr=1e-3, warmup_steps=5, schedule="cosine")

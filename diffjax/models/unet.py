@@ -24,8 +24,9 @@ from typing import Any, ClassVar, Optional, Sequence
 import jax.numpy as jnp
 import flax.linen as nn
 
+from diffjax.models.winograd import CONV_ALGORITHMS
 from diffjax.models.layers import (
-    ATTENTION_IMPLS, CONV_ALGORITHMS, GROUPS, AttentionBlock, Downsample, GroupNorm32, ResBlock,
+    ATTENTION_IMPLS, GROUPS, AttentionBlock, Downsample, GroupNorm32, ResBlock,
     Upsample, attention_heads, check_choice, conv, linear, resize_bilinear_torch,
     timestep_embedding)
 

@@ -8,6 +8,9 @@ reference batch is the same plus, optionally, precomputed statistics `mu`, `sigm
     module, variables = load_fid_inception(weights, preprocess="adm_tf")
     results = evaluate("ref.npz", "samples.npz", module, variables)
     # {"inception_score": ..., "fid": ..., "sfid": ..., "precision": ..., "recall": ...}
+
+Why one module of ~570 lines: because it ports guided-diffusion's evaluator as one unit (its
+statistics, Inception Score, precision / recall and npz formats), to be read beside it.
 """
 from __future__ import annotations
 
