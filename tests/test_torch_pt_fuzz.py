@@ -516,7 +516,8 @@ def test_mutants_load_or_are_refused(results):
 
 def test_convert_refuses_with_one_line_and_writes_nothing(tmp_path, monkeypatch):
     """`python -m diffjax convert` on a hostile file: `error: ...`, non-zero exit, no output."""
-    from diffjax import convert
+    from diffjax.cli import convert
+    from diffjax.io import torch_pt
 
     hostile = write_zip(tmp_path / "hostile.pt", *_one_tensor((65536, 65536), (0, 0)))
     out = tmp_path / "out"
@@ -528,7 +529,7 @@ def test_convert_refuses_with_one_line_and_writes_nothing(tmp_path, monkeypatch)
         def open_pt(*args, raised=raised, **kwargs):  # whatever a reader raises: one line
             raise raised
 
-        monkeypatch.setattr(convert.torch_pt, "open_pt", open_pt)
+        monkeypatch.setattr(torch_pt, "open_pt", open_pt)
         with pytest.raises(SystemExit, match=rf"^error: {message}$"):
             convert.main(argv)
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["hostile.pt"]

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffjax.io.torch_pt import read_pt
+from diffjax.io import torch_pt
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = (
@@ -487,6 +487,6 @@ def load_fid_inception(
             with np.load(path) as f:
                 state_dict = {k: f[k] for k in f.files}
         else:
-            state_dict = read_pt(path)
+            state_dict = torch_pt.read_pt(path)
     module = FIDInceptionV3(preprocess=preprocess, precision=precision)
     return module, variables_from_state_dict(state_dict, module)
