@@ -381,9 +381,9 @@ def tokenize(tokenizer, prompts: Sequence[str], max_text_len: int):
 @flax.struct.dataclass
 class CLIPGuidance(G.Transform):
     """Noised-CLIP guidance (GLIDE) as a guidance transform:
-    g = scale * grad_x sum_b exp(logit_scale) f(x_t, t)_b . g(c)_b, through
-    `diffjax.core.guidance.energy`. The samplers apply it as the classifier gradient (mean + Sigma g
-    for the ancestral sampler, as glide-text2im's clip_guided notebook).
+    g = scale * grad_x sum_b exp(logit_scale) f(x_t, t)_b . g(c)_b, a score term
+    (`diffjax.core.guidance.log_density_gradient`): the samplers apply it as the classifier
+    gradient (mean + Sigma g for the ancestral sampler, as glide-text2im's clip_guided notebook).
 
     The caption embedding, the image encoder's variables and the scale are traced (a new prompt or
     scale does not recompile a sampling loop, and the weights are not baked into it); `clip` is
@@ -400,8 +400,8 @@ class CLIPGuidance(G.Transform):
         return self.clip.apply(self.image_variables, x, t, self.text_emb,
                                method=NoisedCLIP.similarity)
 
-    def grad(self, x, t, model_kwargs):
-        return G.energy(self.log_density, self.scale).grad(x, t, model_kwargs)
+    def score(self, c):
+        return G.log_density_gradient(self.log_density, self.scale, c)
 
 
 def clip_guidance(clip: NoisedCLIP, variables, prompts, scale=1.0, *, tokenizer=None) -> CLIPGuidance:

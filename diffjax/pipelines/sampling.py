@@ -58,13 +58,13 @@ class ClassifierGuidance(G.Transform):
     labels: Any
     module: Any = flax.struct.field(pytree_node=False)
 
-    def grad(self, x, t, model_kwargs):
-        def log_prob(x_):
-            logits = self.module.apply(self.variables, x_, t).astype(jnp.float32)
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            return jnp.sum(jnp.take_along_axis(logp, self.labels[:, None], axis=-1))
+    def log_prob(self, x, t, **model_kwargs):
+        logits = self.module.apply(self.variables, x, t).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return jnp.take_along_axis(logp, self.labels[:, None], axis=-1)[:, 0]
 
-        return self.scale * jax.grad(log_prob)(x.astype(jnp.float32))
+    def score(self, c):
+        return G.log_density_gradient(self.log_prob, self.scale, c)
 
 
 def _request_batch(value, start: int, stop: int, n: int):
