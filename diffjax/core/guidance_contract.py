@@ -149,6 +149,9 @@ class GuidanceContext:
     def denoise_at(self, x, t=None) -> "GuidanceContext":
         """The denoiser at x [B, ...] (level t, default c.t) as a differentiable function of x: the
         network through the chain's model wrappers and x0 hooks, unclipped (`predict`)."""
+        if self.network is None:
+            raise ValueError("this guidance runs the denoiser again: it needs the sampler's "
+                             "context (run it in a sampler)")
         t = self.t if t is None else _batch(x, t)
         return predict(self.guidance, self.network, self.schedule, self.config, x, t,
                        self.model_kwargs, key=self.key)[0]
