@@ -344,6 +344,16 @@ def test_dynamic_thresholding_is_imagens():
     np.testing.assert_allclose(got, np.clip(ref, -s, s) / s, rtol=1e-6)
     np.testing.assert_array_equal(got[2], x0[2])
     assert np.abs(got).max() <= 1.0
+    # a percentile per image (a ScaleFn: e.g. one that follows the noise level)
+    pct = np.array([0.5, 0.99, 0.7])
+    per_image = GM.dynamic_threshold(G.scale_fn(_given, value=pct))
+    got = np.asarray(per_image.x0(G.GuidanceContext(x=x0, x0=x0)))
+    s = np.maximum([np.quantile(np.abs(ref[b]), pct[b]) for b in range(3)], 1.0).reshape(-1, 1, 1, 1)
+    np.testing.assert_allclose(got, np.clip(ref, -s, s) / s, rtol=1e-6)
+
+
+def _given(c, value):
+    return value
 
 
 @pytest.mark.parametrize("squared", [False, True])

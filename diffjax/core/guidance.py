@@ -20,12 +20,12 @@ from diffjax.core.guidance_contract import (  # noqa: F401  (the contract, re-ex
     GuidanceContext,
     ScaleFn,
     Transform,
-    _batch,
-    _per_example,
     as_scale,
+    batch_levels,
     chain,
     condition_mean,
     condition_score,
+    per_example,
     predict,
     resolve,
     scale_fn,
@@ -100,7 +100,7 @@ def _std(a):
     """Per-example standard deviation [B, 1, ..., 1] over every other axis (floored above 0, so
     that its gradient stays finite for a constant image)."""
     variance = jnp.var(a.reshape(a.shape[0], -1), axis=1)
-    return _per_example(jnp.sqrt(jnp.maximum(variance, 1e-30)), a)
+    return per_example(jnp.sqrt(jnp.maximum(variance, 1e-30)), a)
 
 
 @flax.struct.dataclass
@@ -164,11 +164,11 @@ def classifier_free(scale, uncond_kwargs: dict, mean_channels: int | None = None
                     rescale=None) -> ClassifierFree:
     """`ClassifierFree`; scale and rescale may be numbers or ScaleFn's (traced either way;
     rescale=None leaves the rescaling out of the program)."""
-    return ClassifierFree(as_scale(scale), _as_uncond(uncond_kwargs), mean_channels,
+    return ClassifierFree(as_scale(scale), as_uncond(uncond_kwargs), mean_channels,
                           None if rescale is None else as_scale(rescale))
 
 
-def _as_uncond(uncond_kwargs: dict) -> dict:
+def as_uncond(uncond_kwargs: dict) -> dict:
     def as_batch(value):
         value = jnp.asarray(value)
         return value[None] if value.ndim == 0 else value
@@ -181,10 +181,10 @@ def _as_uncond(uncond_kwargs: dict) -> dict:
 
 def _noised(sched: Schedule, clean, level, key):
     """q_sample(clean, level) at levels [B] >= 0; the clean image itself at level -1 (the data)."""
-    level = _batch(clean, level)
+    level = batch_levels(clean, level)
     noisy = D.q_sample(sched, clean, jnp.maximum(level, 0),
                        jax.random.normal(key, clean.shape, clean.dtype))
-    return jnp.where(_per_example(level >= 0, clean), noisy, clean)
+    return jnp.where(per_example(level >= 0, clean), noisy, clean)
 
 
 RESIZERS = ("matlab", "jax")
@@ -243,7 +243,7 @@ class ILVR(Transform):
         refined = x - phi(x) + phi(target)
         step = level + 1
         active = (step >= self.t_range[0]) & (step <= self.t_range[1])
-        return jnp.where(_per_example(active, x), refined, x)
+        return jnp.where(per_example(active, x), refined, x)
 
 
 def ilvr(reference, down_factor: int, t_range=None, official_index: bool = False,

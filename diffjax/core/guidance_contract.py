@@ -51,13 +51,13 @@ from diffjax.core import diffusion as D
 from diffjax.core.schedules import Schedule
 
 
-def _per_example(values, x):
+def per_example(values, x):
     """[B] (or a scalar) -> [B, 1, ..., 1] against x [B, ...]."""
     values = jnp.asarray(values)
     return values.reshape((-1,) + (1,) * (x.ndim - 1)) if values.ndim == 1 else values
 
 
-def _batch(x, t):
+def batch_levels(x, t):
     """Levels as [B] int32: a scalar (the loop) or per-example levels."""
     return jnp.broadcast_to(jnp.asarray(t, jnp.int32), (x.shape[0],))
 
@@ -105,13 +105,13 @@ class GuidanceContext:
     config: Any = flax.struct.field(pytree_node=False, default=None)
     network: Any = flax.struct.field(pytree_node=False, default=None)
 
-    def _table(self, table, t=None):
+    def _table(self, table):
+        """table[t] as [B, 1, ..., 1], 1 at the data (t = -1)."""
         if self.schedule is None or self.t is None:
             raise ValueError("this guidance needs the noise level: run it inside a sampler "
                              "(diffjax.core.samplers), whose context carries the schedule and t")
-        t = self.t if t is None else t
-        values = jnp.take(table, jnp.maximum(t, 0))
-        return _per_example(jnp.where(t >= 0, values, 1.0), self.x)
+        values = jnp.take(table, jnp.maximum(self.t, 0))
+        return per_example(jnp.where(self.t >= 0, values, 1.0), self.x)
 
     @property
     def abar(self):
@@ -152,7 +152,7 @@ class GuidanceContext:
         if self.network is None:
             raise ValueError("this guidance runs the denoiser again: it needs the sampler's "
                              "context (run it in a sampler)")
-        t = self.t if t is None else _batch(x, t)
+        t = self.t if t is None else batch_levels(x, t)
         return predict(self.guidance, self.network, self.schedule, self.config, x, t,
                        self.model_kwargs, key=self.key)[0]
 
@@ -228,7 +228,7 @@ def resolve(scale, c, x=None, t_model=None, model_kwargs=None):
                          "context: call the hook from a sampler, or give it a GuidanceContext")
     if x is not None:
         c = c.at(x, t_model, model_kwargs)
-    return _per_example(scale(c), c.x)
+    return per_example(scale(c), c.x)
 
 
 # --------------------------------------------------------------------------- the base
@@ -264,7 +264,7 @@ class Transform:
 
     def post_step(self, x, level, key, sched: Schedule):
         """The projection of x, which a step took to `level`."""
-        return self.project(GuidanceContext(x=x, t=_batch(x, level), key=key, schedule=sched))
+        return self.project(GuidanceContext(x=x, t=batch_levels(x, level), key=key, schedule=sched))
 
 
 # --------------------------------------------------------------------------- composition

@@ -28,7 +28,7 @@ def _norm(a):
     """Per-example Euclidean norm [B, 1, ..., 1] over every other axis (floored above 0, so that
     its gradient and the divisions by it stay finite)."""
     squares = jnp.sum(jnp.square(a.reshape(a.shape[0], -1)), axis=1)
-    return G._per_example(jnp.sqrt(jnp.maximum(squares, 1e-30)), a)
+    return G.per_example(jnp.sqrt(jnp.maximum(squares, 1e-30)), a)
 
 
 def _apply(fn, value, params):
@@ -106,7 +106,7 @@ class AdaptiveProjected(G.ClassifierFree):
         delta = d_cond - d_uncond
         delta = delta * jnp.minimum(1.0, G.resolve(self.norm_threshold, c) / _norm(delta))
         unit = d_cond / _norm(d_cond)
-        parallel = G._per_example(jnp.sum((delta * unit).reshape(delta.shape[0], -1), 1), delta) * unit
+        parallel = G.per_example(jnp.sum((delta * unit).reshape(delta.shape[0], -1), 1), delta) * unit
         guided = d_cond + (scale - 1) * (delta - parallel + G.resolve(self.eta, c) * parallel)
         return from_x0(c, guided)
 
@@ -114,7 +114,7 @@ class AdaptiveProjected(G.ClassifierFree):
 def adaptive_projected(scale, uncond_kwargs: dict, *, eta=0.0, norm_threshold=math.inf,
                        mean_channels: int | None = None) -> AdaptiveProjected:
     """`AdaptiveProjected`: `classifier_free`'s arguments plus eta and the norm threshold r."""
-    return AdaptiveProjected(G.as_scale(scale), G._as_uncond(uncond_kwargs), mean_channels, None,
+    return AdaptiveProjected(G.as_scale(scale), G.as_uncond(uncond_kwargs), mean_channels, None,
                              G.as_scale(eta), G.as_scale(norm_threshold))
 
 
@@ -189,19 +189,30 @@ class DynamicThreshold(G.Transform):
     """Dynamic thresholding (Saharia et al. 2022, Imagen, sec. 2.3): per image, s = the
     `percentile` quantile of |x0| (over every pixel and channel), s <- max(s, 1), and
     x0 <- clip(x0, -s, s) / s, before the static clip (which then changes nothing). An x0 with
-    |x0| <= 1 everywhere is left as it is. percentile (e.g. 0.995) is a traced number."""
+    |x0| <= 1 everywhere is left as it is. percentile (e.g. 0.995) is traced, and may be a
+    ScaleFn; the quantile interpolates linearly between order statistics (numpy's default)."""
 
     percentile: Any
 
     def x0(self, c):
         x0 = c.x0
-        quantile = jnp.quantile(jnp.abs(x0.reshape(x0.shape[0], -1)), self.percentile, axis=1)
-        s = G._per_example(jnp.maximum(quantile, 1.0), x0)
+        s = jnp.maximum(_quantile(jnp.abs(x0), G.resolve(self.percentile, c)), 1.0)
         return jnp.clip(x0, -s, s) / s
 
 
+def _quantile(a, q):
+    """The q-quantile [B, 1, ..., 1] of each a[b] (q a number or [B, 1, ..., 1])."""
+    ordered = jnp.sort(a.reshape(a.shape[0], -1), axis=1)
+    position = jnp.reshape(jnp.broadcast_to(q, (a.shape[0],) + (1,) * (a.ndim - 1)), (-1, 1))
+    position = jnp.clip(position, 0.0, 1.0) * (ordered.shape[1] - 1)
+    below = jnp.floor(position).astype(jnp.int32)
+    above = jnp.minimum(below + 1, ordered.shape[1] - 1)
+    low, high = (jnp.take_along_axis(ordered, i, axis=1) for i in (below, above))
+    return G.per_example((low + (position - below) * (high - low))[:, 0], a)
+
+
 def dynamic_threshold(percentile=0.995) -> DynamicThreshold:
-    return DynamicThreshold(jnp.asarray(percentile, jnp.float32))
+    return DynamicThreshold(G.as_scale(percentile))
 
 
 @flax.struct.dataclass

@@ -410,8 +410,8 @@ def clip_guidance(clip: NoisedCLIP, variables, prompts, scale=1.0, *, tokenizer=
     prompts: a list of captions (one, broadcast to every image, or one per image; needs `tokenizer`,
     a `diffjax.tokenizer.CLIPTokenizer`) or a pair (tokens [B, max_text_len], text_len [B]).
     variables: the NoisedCLIP's {"params": {"text_encoder": ..., "image_encoder": ...}}.
-    scale: glide-text2im's grad_scale (the clip_guided notebook uses 3.0). The captions are
-    embedded once, here."""
+    scale: glide-text2im's grad_scale (the clip_guided notebook uses 3.0; a number or a
+    `guidance.ScaleFn`). The captions are embedded once, here."""
     if isinstance(prompts, tuple) and len(prompts) == 2 and not isinstance(prompts[0], str):
         tokens, text_len = prompts
     elif tokenizer is None:
@@ -423,7 +423,7 @@ def clip_guidance(clip: NoisedCLIP, variables, prompts, scale=1.0, *, tokenizer=
     text_emb = clip.apply(variables, tokens, text_len, method=NoisedCLIP.text_embeddings)
     # Only the image encoder runs while sampling; the vocabulary table stays out of the loop.
     image_variables = {"params": {"image_encoder": variables["params"]["image_encoder"]}}
-    return CLIPGuidance(jnp.asarray(scale, jnp.float32), text_emb, image_variables, clip)
+    return CLIPGuidance(G.as_scale(scale), text_emb, image_variables, clip)
 
 
 __all__ = ["NoisedCLIP", "TextEncoder", "ImageEncoder", "CLIPGuidance", "clip_guidance",
