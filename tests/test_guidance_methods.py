@@ -222,7 +222,7 @@ def test_classifier_free_mixes_the_image_channels_of_a_one_channel_model():
 
 
 def test_cfg_rescale_matches_the_conditional_spread():
-    """Lin et al. 2024, eqs. 15-18: std(out) = phi std(cond) + (1 - phi) std(cfg) per image, on
+    """Lin et al. 2024, sec. 3.4: std(out) = phi std(cond) + (1 - phi) std(cfg) per image, on
     the mixed channels; phi = 0 is plain CFG; the variance channels are the conditional's."""
     x = jax.random.normal(KEY, (4, 4, 4, 3))
     t = jnp.array([3, 100, 400, 900])
@@ -260,7 +260,7 @@ def test_guidance_interval_guides_only_inside():
 
 
 def _apg_reference(d_c, d_u, w, eta, r):
-    """Sadat et al. 2024, sec. 4, on x0's [B, ...] in float64."""
+    """Sadat et al. 2024, on x0's [B, ...] in float64."""
     flat = lambda a: a.reshape(a.shape[0], -1)  # noqa: E731
     norm = lambda a: np.linalg.norm(flat(a), axis=1).reshape(-1, 1, 1, 1)  # noqa: E731
     delta = d_c - d_u
@@ -297,7 +297,7 @@ def test_adaptive_projected_guidance_is_the_papers_update():
 
 
 def test_cfg_plus_plus_with_ddim_is_the_papers_algorithm():
-    """Chung et al. 2024, Alg. 1 on Gaussian classes, written in float64 from the paper: x0 from
+    """Chung et al. 2024 on Gaussian classes, written in float64 from the paper: x0 from
     eps_lam = eps_u + lam (eps_c - eps_u), then x_{t-1} = sqrt(abar_{t-1}) x0 + sqrt(1 -
     abar_{t-1}) eps_u."""
     x_T = jax.random.normal(KEY, (4, 3, 3, 1))
@@ -322,7 +322,7 @@ def test_cfg_plus_plus_with_ddim_is_the_papers_algorithm():
 
 
 def test_autoguidance_is_weak_plus_w_times_the_difference():
-    """Karras et al. 2024, eq. 2 with two exact Gaussian denoisers (the weak one too wide)."""
+    """Karras et al. 2024 with two exact Gaussian denoisers (the weak one too wide)."""
     x = jax.random.normal(KEY, (4, 2, 2, 1))
     weak = gaussian_model(SCHED, stds=2 * STDS)
     for w in (1.0, 2.5):
@@ -384,7 +384,7 @@ def _l2_loss(x0, target):
 
 @pytest.mark.parametrize("mode", ["score", "mean"])
 def test_universal_guidance_differentiates_through_the_denoiser(mode):
-    """Bansal et al. 2023, eq. 6 with l = |x0 - target|^2 / 2 and the exact Gaussian denoiser:
+    """Bansal et al. 2023 with l = |x0 - target|^2 / 2 and the exact Gaussian denoiser:
     g = -s grad_x l(x0(x)) = -s gain (x0 - target); eps - sigma g (DDIM), mean + Sigma g (DDPM)."""
     x = jax.random.normal(KEY, (4, 2, 2, 1))
     target = jnp.full((1, 2, 2, 1), 0.7)

@@ -83,7 +83,9 @@ class GuidanceContext:
     output    the network's output after the model wrappers [B, H, W, C or 2C] (x0, score)
     x0        the x0 estimate: unclipped in x0 hooks, as the sampler uses it in score hooks
     variance  Var of p(x_{t-1} | x_t), broadcastable to x (x0, score)
-    model_kwargs, key   the conditioning; a PRNG key (project: one per step and transform)
+    model_kwargs, key   the conditioning; a PRNG key (project: one per step and transform; the
+                        other hooks: one per level when the sampler's Context has a key, as
+                        samplers.sample's does, else None)
     x_prev, t_prev      project only: the point the step started from, and its level
     schedule, config, network, guidance   what `denoise_at` runs again
 

@@ -45,7 +45,7 @@ def _interval_scale(c, scale, sigma_lo, sigma_hi, outside):
 
 
 def interval(scale, sigma_lo, sigma_hi=math.inf, outside=1.0) -> G.ScaleFn:
-    """Guidance in a limited interval (Kynkaanniemi et al. 2024, eq. 6): the scale is `scale`
+    """Guidance in a limited interval (Kynkaanniemi et al. 2024): the scale is `scale`
     where the noise level sigma_t = sqrt((1 - abar_t) / abar_t) (EDM's, Karras et al. 2022) lies
     in (sigma_lo, sigma_hi], and `outside` elsewhere: 1 for classifier-free guidance (the
     conditional model: their w = 1), 0 for a score term. A scale: pass it to any transform, e.g.
@@ -84,7 +84,7 @@ def from_x0(c, x0):
 @flax.struct.dataclass
 class AdaptiveProjected(G.ClassifierFree):
     """Adaptive projected guidance (Sadat et al. 2024, "Eliminating oversaturation and artifacts
-    of high guidance scales in diffusion models", sec. 4), on the x0 predictions D_c, D_u of the
+    of high guidance scales in diffusion models"), on the x0 predictions D_c, D_u of the
     two branches (per image, norms over every pixel and channel):
 
         Delta = (D_c - D_u) min(1, r / |D_c - D_u|),   Delta_par = <Delta, D_c> D_c / |D_c|^2,
@@ -125,7 +125,7 @@ def _cfg_pp_weight(c, lam):
 
 
 def cfg_plus_plus(lam, uncond_kwargs: dict, mean_channels: int | None = None) -> G.ClassifierFree:
-    """CFG++ (Chung et al. 2024, Alg. 1): DDIM with x0 from eps_lam = eps_u + lam (eps_c - eps_u),
+    """CFG++ (Chung et al. 2024): DDIM with x0 from eps_lam = eps_u + lam (eps_c - eps_u),
     lam in [0, 1], and the unconditional noise to move on,
 
         x_{t-1} = alpha_{t-1} x0(eps_lam) + sigma_{t-1} eps_u.
@@ -146,7 +146,7 @@ def cfg_plus_plus(lam, uncond_kwargs: dict, mean_channels: int | None = None) ->
 @flax.struct.dataclass
 class Autoguidance(G.Transform):
     """Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of
-    itself", eq. 2): D = D_weak + w (D_main - D_weak), the weak model a smaller or less trained
+    itself"): D = D_weak + w (D_main - D_weak), the weak model a smaller or less trained
     version of the main one, both with the same conditioning. Mixed on the mean channels of the
     network output (linear, so the same in eps, v or x0); the learned variance is the main
     model's. The weak model must take the same timesteps and predict the same quantity. w = 1 is
@@ -255,7 +255,7 @@ def dps(operator: Callable, measurement, scale=1.0, *, params=None,
 
 @flax.struct.dataclass
 class Universal(G.Transform):
-    """Universal guidance's forward guidance (Bansal et al. 2023, eq. 6): a loss l on the x0
+    """Universal guidance's forward guidance (Bansal et al. 2023): a loss l on the x0
     estimate, differentiated through the denoiser,
 
         eps' = eps + s sqrt(1 - abar_t) grad_{x_t} l(x0_hat(x_t)),
