@@ -6,11 +6,14 @@ PNG grid beside it, each image shown at least 128 px.
         --classifier_scale 1 --num_samples 16 --steps 250
     python -m diffjax sample --model runs/default --guidance_scale 2 --labels 5 --num_samples 8
     python -m diffjax sample --model glide-base --upsampler glide-upsample --prompt "a corgi"
+    python -m diffjax sample --model glide-base --prompt "a corgi" --clip_text clip_text_enc.pt \
+        --clip_image clip_image_enc.pt --clip_scale 3
     python -m diffjax sample --model adm-upsampler-64-256 --low_res samples_64.npz
 """
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 
@@ -20,6 +23,7 @@ import numpy as np
 from diffjax import conditioning as conditioning_lib
 from diffjax import images as images_lib
 from diffjax.cli import common
+from diffjax.compat import glide_clip
 from diffjax.conditioning import ClassLabel, Conditioning
 from diffjax.core.samplers import SAMPLERS
 from diffjax.io.loading import load
@@ -52,6 +56,15 @@ def build_parser():
     common.flag(s, "classifier", help="a noisy classifier (name or path) for classifier guidance")
     common.flag(s, "classifier_scale", type=float, default=None)
     common.flag(s, "no_clip", action="store_true", help="do not clip x0 predictions to [-1, 1]")
+    common.flag(s, "clip_text", help="CLIP guidance of a GLIDE text model toward --prompt: "
+                "glide-text2im's clip_text_enc.pt (with --clip_image)")
+    common.flag(s, "clip_image", help="CLIP guidance: glide-text2im's clip_image_enc.pt")
+    common.flag(s, "clip_scale", type=float, default=None, help="CLIP guidance's grad_scale "
+                "(default 3, glide-text2im's clip_guided notebook)")
+    common.flag(s, "clip_config", help="CLIP guidance: a JSON of the fields of glide-text2im's "
+                "clip/config.yaml (default: the released model's)")
+    common.flag(s, "clip_vocab", help="CLIP guidance: bpe_simple_vocab_16e6.txt.gz (default: the "
+                "installed glide-text2im's)")
     common.flag(s, "seed", type=int, default=0)
     conditioning_lib.add_arguments(p)
     e = p.add_argument_group("inpainting, ILVR, upsampling")
@@ -96,6 +109,18 @@ def _with_null_label(model, null_label: int | None):
     return model.replace(conditioning=Conditioning(kinds))
 
 
+def _clip(args):
+    """(NoisedCLIP, variables) of --clip_text / --clip_image (.pt files), or None."""
+    if not (args.clip_text or args.clip_image):
+        return None
+    if not (args.clip_text and args.clip_image):
+        raise ValueError("CLIP guidance needs both --clip_text and --clip_image (glide-text2im's "
+                         "clip_text_enc.pt and clip_image_enc.pt)")
+    config = json.loads(pathlib.Path(args.clip_config).read_text()) if args.clip_config else None
+    clip = glide_clip.create_clip_model(config)
+    return clip.module, glide_clip.load_clip_state_dict(clip, args.clip_text, args.clip_image)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not args.model:
@@ -124,11 +149,13 @@ def main(argv=None) -> int:
         raise ValueError(f"--classifier {args.classifier} holds a {classifier.kind} model, not a "
                          f"noisy classifier")
     upsampler = load(args.upsampler, progress=not args.no_progress) if args.upsampler else None
+    clip = _clip(args)
     print(f"sampling {model.describe()}", file=sys.stderr)
     arr, info = sample(
         model, jax.random.PRNGKey(args.seed), args.num_samples, sampler=args.sampler,
         steps=_grid_size(args.steps), guidance_scale=args.guidance_scale, eta=args.eta,
-        classifier=classifier, classifier_scale=args.classifier_scale,
+        classifier=classifier, classifier_scale=args.classifier_scale, clip=clip,
+        clip_scale=args.clip_scale, clip_tokenizer=args.clip_vocab,
         clip_denoised=False if args.no_clip else None, batch_size=args.batch_size,
         jump_length=args.jump_length, resample_count=args.resample_count, reference=reference,
         down_factor=args.down_factor, upsampler=upsampler,

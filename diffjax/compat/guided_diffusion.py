@@ -47,22 +47,23 @@ from diffjax.models.layers import timestep_embedding  # noqa: F401
 
 @flax.struct.dataclass
 class _CondFn(G.Transform):
-    """GD's cond_fn(x, t, **model_kwargs) -> scaled gradient, as a guidance transform."""
+    """GD's cond_fn(x, t, **model_kwargs) -> scaled gradient, as a score term (t: the network's
+    timestep, as GD's _WrappedModel gives it)."""
 
     cond_fn: object = flax.struct.field(pytree_node=False)
 
-    def grad(self, x, t, model_kwargs):
-        return self.cond_fn(x, t, **model_kwargs)
+    def score(self, c):
+        return self.cond_fn(c.x, c.t_model, **c.model_kwargs)
 
 
 @flax.struct.dataclass
 class _DenoisedFn(G.Transform):
-    """GD's denoised_fn(pred_xstart) -> pred_xstart, as a guidance transform."""
+    """GD's denoised_fn(pred_xstart) -> pred_xstart, as an x0 hook (before clipping, as GD)."""
 
     denoised_fn: object = flax.struct.field(pytree_node=False)
 
-    def denoised(self, x0):
-        return self.denoised_fn(x0)
+    def x0(self, c):
+        return self.denoised_fn(c.x0)
 
 
 class GaussianDiffusion:

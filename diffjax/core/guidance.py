@@ -1,24 +1,7 @@
-"""Guidance as small composable transforms of a denoiser, in the manner of optax.
-
-A transform is a pytree (its scales, masks, reference images and labels are traced arrays, so
-changing them never recompiles a sampling loop; its functions and shape-like settings are static)
-with up to five hooks, each a no-op by default:
-
-    wrap_model(model_fn) -> model_fn     change the network's output (classifier-free guidance)
-    grad(x, t, model_kwargs) -> g | None  a gradient of log p(... | x_t) added to the score
-    denoised(x0) -> x0                   a projection of the x0 prediction (GLIDE inpainting)
-    post_step(x, level, key, sched) -> x a projection after each step (ILVR, inpainting on x_t)
-    levels(num_timesteps) -> [S, 2]      a non-monotone walk over noise levels (RePaint)
-
-Samplers apply the score gradient the way guided-diffusion does: the ancestral sampler shifts the
-mean, mean + Sigma g (`condition_mean`, Sohl-Dickstein et al. 2015); DDIM and the ODE solvers
-shift the noise prediction, eps - sqrt(1 - abar_t) g (`condition_score`, Song et al. 2021), with
-pred_xstart re-derived from it and not re-clipped. `t` given to `grad` is the model's timestep
-(the original one, as the classifier was trained on).
-
-`chain(a, b, ...)` composes transforms. Order rules: model wrappers nest with the first one
-innermost; gradients add; `denoised` and `post_step` projections apply in the given order (so on
-pixels two projections both touch, the later one wins); at most one transform may define `levels`.
+"""The classic guidance transforms on the contract of `diffjax.core.guidance_contract` (re-exported
+here, so that `from diffjax.core import guidance as G` has both): classifier and energy guidance,
+classifier-free guidance (with Lin et al.'s rescaling), ILVR, inpainting by replacement and
+RePaint's walk. The newer methods are in `diffjax.core.guidance_methods`.
 """
 from __future__ import annotations
 
@@ -32,29 +15,31 @@ import numpy as np
 
 from diffjax.core import diffusion as D
 from diffjax.core import resize as R
+from diffjax.core.guidance_contract import (  # noqa: F401  (the contract, re-exported)
+    Chain,
+    GuidanceContext,
+    ScaleFn,
+    Transform,
+    as_scale,
+    batch_levels,
+    chain,
+    condition_mean,
+    condition_score,
+    per_example,
+    predict,
+    resolve,
+    scale_fn,
+)
 from diffjax.core.schedules import Schedule
 
 
-class Transform:
-    """Base class: every hook is the identity / absent."""
-
-    def wrap_model(self, model_fn):
-        return model_fn
-
-    def grad(self, x, t, model_kwargs):
-        return None
-
-    def denoised(self, x0):
-        return x0
-
-    def post_step(self, x, level, key, sched: Schedule):
-        return x
-
-    def levels(self, num_timesteps: int):
-        return None
-
-
 # --------------------------------------------------------------------------- score guidance
+
+
+def log_density_gradient(log_density_fn: Callable, scale, c) -> jnp.ndarray:
+    """scale * grad_x sum_b log_density_fn(x, t_model, **model_kwargs)_b at c (float32)."""
+    total = lambda x_: jnp.sum(log_density_fn(x_, c.t_model, **c.model_kwargs))  # noqa: E731
+    return resolve(scale, c) * jax.grad(total)(c.x.astype(jnp.float32))
 
 
 @flax.struct.dataclass
@@ -66,13 +51,12 @@ class Energy(Transform):
     scale: Any
     log_density_fn: Callable = flax.struct.field(pytree_node=False)
 
-    def grad(self, x, t, model_kwargs):
-        total = lambda x_: jnp.sum(self.log_density_fn(x_, t, **model_kwargs))  # noqa: E731
-        return self.scale * jax.grad(total)(x.astype(jnp.float32))
+    def score(self, c):
+        return log_density_gradient(self.log_density_fn, self.scale, c)
 
 
 def energy(log_density_fn: Callable, scale=1.0) -> Energy:
-    return Energy(scale=jnp.asarray(scale, jnp.float32), log_density_fn=log_density_fn)
+    return Energy(scale=as_scale(scale), log_density_fn=log_density_fn)
 
 
 def classifier(logits_fn: Callable, scale=1.0, label_key: str = "y") -> Energy:
@@ -80,8 +64,7 @@ def classifier(logits_fn: Callable, scale=1.0, label_key: str = "y") -> Energy:
     with log p = log_softmax(logits_fn(x_t, t)) at the labels `model_kwargs[label_key]`.
     `logits_fn(x, t) -> [B, num_classes]`, e.g. `lambda x, t: clf.apply(clf_vars, x, t)`."""
 
-    return Energy(scale=jnp.asarray(scale, jnp.float32),
-                  log_density_fn=_LabelLogProb(logits_fn, label_key))
+    return Energy(scale=as_scale(scale), log_density_fn=_LabelLogProb(logits_fn, label_key))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,28 +86,21 @@ class _LabelLogProb:
         return jnp.take_along_axis(logp, labels[:, None], axis=-1)[:, 0]
 
 
-def condition_mean(p_mean_var: dict, gradient) -> jnp.ndarray:
-    """The ancestral sampler's guided mean: mean + variance * g (GD's condition_mean)."""
-    return p_mean_var["mean"].astype(jnp.float32) + p_mean_var["variance"] * gradient
-
-
-def condition_score(sched: Schedule, p_mean_var: dict, x, t, gradient) -> dict:
-    """p_mean_var with the noise prediction shifted by the gradient: eps' = eps - sqrt(1-abar_t) g,
-    pred_xstart and mean re-derived from eps' (no re-clipping), variance unchanged (GD's
-    condition_score).
-
-    GD converts pred_xstart to eps and back; that round trip multiplies float32 rounding by
-    sqrt(1/abar_t) (~2e4 at the last cosine step) even when g = 0. Its closed form,
-    x0' = x0 + (1 - abar_t) / sqrt(abar_t) g, is the same number without that noise, so a zero
-    gradient leaves the prediction untouched."""
-    alpha_bar = D.extract(sched.alphas_cumprod, t, x.ndim)
-    out = dict(p_mean_var)
-    out["pred_xstart"] = p_mean_var["pred_xstart"] + (1 - alpha_bar) / jnp.sqrt(alpha_bar) * gradient
-    out["mean"] = D.q_posterior_mean_variance(sched, out["pred_xstart"], x, t)[0]
-    return out
-
-
 # --------------------------------------------------------------------------- classifier-free
+
+
+def mix_outputs(strong, weak, channels: int, combine: Callable):
+    """Two network outputs [B, ..., C'] -> combine(strong_mean, weak_mean) on the first `channels`
+    (the image's), the strong output's other channels (a learned variance) passed through."""
+    mixed = combine(strong[..., :channels], weak[..., :channels])
+    return jnp.concatenate([mixed, strong[..., channels:]], axis=-1)
+
+
+def _std(a):
+    """Per-example standard deviation [B, 1, ..., 1] over every other axis (floored above 0, so
+    that its gradient stays finite for a constant image)."""
+    variance = jnp.var(a.reshape(a.shape[0], -1), axis=1)
+    return per_example(jnp.sqrt(jnp.maximum(variance, 1e-30)), a)
 
 
 @flax.struct.dataclass
@@ -138,13 +114,27 @@ class ClassifierFree(Transform):
     `uncond_kwargs` replaces the named model_kwargs in the unconditional branch (e.g. the null
     label {"y": 1000} or GLIDE's empty tokens and mask); a leading batch dim of 1 broadcasts; a
     value may be a pytree of such arrays (GLIDE's precomputed text embedding);
-    `mean_channels` = image channels (the channels that get mixed)."""
+    `mean_channels`: the channels that get mixed (default: the image's, x.shape[-1]).
+
+    rescale = phi (Lin et al. 2024, sec. 3.4, "rescale classifier-free guidance"): out <- out *
+    (phi std(out_cond) / std(out) + 1 - phi), standard deviations per image over the mixed
+    channels of the network's prediction (eps for the OpenAI models; v in the paper), so that at
+    phi = 1 the guided prediction has the conditional one's spread. phi = 0 is plain CFG."""
 
     scale: Any
     uncond_kwargs: dict
-    mean_channels: int = flax.struct.field(pytree_node=False)
+    mean_channels: int | None = flax.struct.field(pytree_node=False, default=None)
+    rescale: Any = None
 
-    def wrap_model(self, model_fn):
+    def combine(self, cond, uncond, scale, c):
+        """The guided mean channels from the two branches' [B', ..., C]; c: the call's context."""
+        mixed = uncond + scale * (cond - uncond)
+        if self.rescale is None:
+            return mixed
+        phi = resolve(self.rescale, c)
+        return mixed * (phi * _std(cond) / _std(mixed) + (1 - phi))
+
+    def wrap_model(self, model_fn, c=None):
         def guided(x, t, **kwargs):
             batch = x.shape[0]
             missing = sorted(set(self.uncond_kwargs) - set(kwargs))
@@ -153,6 +143,7 @@ class ClassifierFree(Transform):
                     f"classifier_free: uncond_kwargs names {missing}, which the conditional "
                     f"model_kwargs lack (it has {sorted(kwargs)})"
                 )
+
             def stack(cond, uncond):
                 uncond = jnp.broadcast_to(uncond, (batch,) + jnp.shape(uncond)[1:])
                 return jnp.concatenate([cond, uncond.astype(jnp.asarray(cond).dtype)])
@@ -161,31 +152,39 @@ class ClassifierFree(Transform):
             both = {name: jax.tree.map(stack, cond, self.uncond_kwargs.get(name, cond))
                     for name, cond in kwargs.items()}
             out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), **both)
-            cond, uncond = out[:batch], out[batch:]
-            c = self.mean_channels
-            mixed = uncond[..., :c] + self.scale * (cond[..., :c] - uncond[..., :c])
-            return jnp.concatenate([mixed, cond[..., c:]], axis=-1)
+            call = None if c is None else c.at(x, t, kwargs)
+            scale = resolve(self.scale, call)
+            return mix_outputs(out[:batch], out[batch:], self.mean_channels or x.shape[-1],
+                               lambda cond, uncond: self.combine(cond, uncond, scale, call))
 
         return guided
 
 
-def classifier_free(scale, uncond_kwargs: dict, mean_channels: int = 3) -> ClassifierFree:
+def classifier_free(scale, uncond_kwargs: dict, mean_channels: int | None = None, *,
+                    rescale=None) -> ClassifierFree:
+    """`ClassifierFree`; scale and rescale may be numbers or ScaleFn's (traced either way;
+    rescale=None leaves the rescaling out of the program)."""
+    return ClassifierFree(as_scale(scale), as_uncond(uncond_kwargs), mean_channels,
+                          None if rescale is None else as_scale(rescale))
+
+
+def as_uncond(uncond_kwargs: dict) -> dict:
     def as_batch(value):
         value = jnp.asarray(value)
         return value[None] if value.ndim == 0 else value
 
-    uncond = {k: jax.tree.map(as_batch, v) for k, v in uncond_kwargs.items()}
-    return ClassifierFree(jnp.asarray(scale, jnp.float32), uncond, mean_channels)
+    return {k: jax.tree.map(as_batch, v) for k, v in uncond_kwargs.items()}
 
 
 # --------------------------------------------------------------------------- projections
 
 
 def _noised(sched: Schedule, clean, level, key):
-    """q_sample(clean, level) for level >= 0; the clean image itself at level -1 (the data)."""
-    t = jnp.full((clean.shape[0],), jnp.maximum(level, 0), jnp.int32)
-    noisy = D.q_sample(sched, clean, t, jax.random.normal(key, clean.shape, clean.dtype))
-    return jnp.where(level >= 0, noisy, clean)
+    """q_sample(clean, level) at levels [B] >= 0; the clean image itself at level -1 (the data)."""
+    level = batch_levels(clean, level)
+    noisy = D.q_sample(sched, clean, jnp.maximum(level, 0),
+                       jax.random.normal(key, clean.shape, clean.dtype))
+    return jnp.where(per_example(level >= 0, clean), noisy, clean)
 
 
 RESIZERS = ("matlab", "jax")
@@ -236,14 +235,15 @@ class ILVR(Transform):
     official_index: bool = flax.struct.field(pytree_node=False, default=False)
     resizer: str = flax.struct.field(pytree_node=False, default="matlab")
 
-    def post_step(self, x, level, key, sched):
+    def project(self, c):
+        x, level = c.x, c.t
         ref_level = level + 1 if self.official_index else level
-        target = _noised(sched, self.reference.astype(x.dtype), ref_level, key)
+        target = _noised(c.schedule, self.reference.astype(x.dtype), ref_level, c.key)
         phi = lambda a: low_pass(a, self.down_factor, self.resizer)  # noqa: E731
         refined = x - phi(x) + phi(target)
         step = level + 1
         active = (step >= self.t_range[0]) & (step <= self.t_range[1])
-        return jnp.where(active, refined, x)
+        return jnp.where(per_example(active, x), refined, x)
 
 
 def ilvr(reference, down_factor: int, t_range=None, official_index: bool = False,
@@ -272,16 +272,16 @@ class Inpaint(Transform):
     jump_length: int = flax.struct.field(pytree_node=False, default=1)
     resample_count: int = flax.struct.field(pytree_node=False, default=1)
 
-    def denoised(self, x0):
+    def x0(self, c):
         if not self.on_x0:
-            return x0
-        return self.mask * self.known.astype(x0.dtype) + (1 - self.mask) * x0
+            return c.x0
+        return self.mask * self.known.astype(c.x0.dtype) + (1 - self.mask) * c.x0
 
-    def post_step(self, x, level, key, sched):
+    def project(self, c):
         if not self.on_xt:
-            return x
-        known = _noised(sched, self.known.astype(x.dtype), level, key)
-        return self.mask * known + (1 - self.mask) * x
+            return c.x
+        known = _noised(c.schedule, self.known.astype(c.x.dtype), c.t, c.key)
+        return self.mask * known + (1 - self.mask) * c.x
 
     def levels(self, num_timesteps):
         if self.resample_count <= 1:
@@ -329,47 +329,3 @@ def repaint_levels(num_timesteps: int, jump_length: int, resample_count: int) ->
                 pairs.append((level, level + 1))
                 level += 1
     return np.asarray(pairs, dtype=np.int32)
-
-
-# --------------------------------------------------------------------------- composition
-
-
-@flax.struct.dataclass
-class Chain(Transform):
-    """Transforms applied together; see the module docstring for the order rules."""
-
-    transforms: tuple
-
-    def wrap_model(self, model_fn):
-        for transform in self.transforms:
-            model_fn = transform.wrap_model(model_fn)
-        return model_fn
-
-    def grad(self, x, t, model_kwargs):
-        grads = [g for g in (tr.grad(x, t, model_kwargs) for tr in self.transforms) if g is not None]
-        return sum(grads[1:], grads[0]) if grads else None
-
-    def denoised(self, x0):
-        for transform in self.transforms:
-            x0 = transform.denoised(x0)
-        return x0
-
-    def post_step(self, x, level, key, sched):
-        for transform, k in zip(self.transforms, jax.random.split(key, len(self.transforms))):
-            x = transform.post_step(x, level, k, sched)
-        return x
-
-    def levels(self, num_timesteps):
-        walks = [w for w in (t.levels(num_timesteps) for t in self.transforms) if w is not None]
-        if len(walks) > 1:
-            raise ValueError("chain(...) holds more than one transform with a resampling schedule")
-        return walks[0] if walks else None
-
-
-def chain(*transforms: Transform) -> Chain:
-    """Compose transforms (None entries are skipped)."""
-    kept = tuple(t for t in transforms if t is not None)
-    for t in kept:
-        if not isinstance(t, Transform):
-            raise TypeError(f"chain(...) takes guidance transforms, got {type(t).__name__}")
-    return Chain(kept)

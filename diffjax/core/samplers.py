@@ -15,8 +15,9 @@ UniPC, iPNDM, Heun / EDM) and the `Sampler` base live in `diffjax.core.solvers`,
 they reach `denoise` as `ctx.denoise`, so the registry here can list them without an import cycle.
 
 Samplers are pytrees: numeric settings such as DDIM's eta are traced, so changing them does not
-recompile. Guidance transforms (`diffjax.core.guidance`) plug into every sampler: score gradients enter
-through `denoise(..., mode)`, projections after each step through the loop.
+recompile. Guidance transforms (`diffjax.core.guidance`, `guidance_methods`) plug into every
+sampler: the network, x0 and score hooks through `denoise(..., mode)`, projections after each step
+through the loop (`Context.project`).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ from diffjax.core.solvers import Sampler, batch_timesteps, noise_like, nonzero_m
 
 @flax.struct.dataclass
 class Context:
-    """What a step needs besides x. model_fn(x, t_model, **model_kwargs) -> model output."""
+    """What a step needs besides x. model_fn(x, t_model, **model_kwargs) -> model output. `key`
+    (optional) seeds the guidance context's key in `denoise` (folded with the level)."""
 
     schedule: Schedule
     model_kwargs: dict
@@ -44,28 +46,37 @@ class Context:
     guidance: G.Transform
     config: D.DiffusionConfig = flax.struct.field(pytree_node=False)
     model_fn: Callable = flax.struct.field(pytree_node=False)
+    key: Any = None
 
     def denoise(self, x, t, mode: str = "score") -> dict:
         """`denoise(self, x, t, mode)`: how the solvers, which sit below this module, call it."""
         return denoise(self, x, t, mode)
 
+    def project(self, x_next, to, key, x, frm):
+        """The guidance's projections of x_next, which a step took from x at level `frm` to level
+        `to` (the `project` hooks, e.g. ILVR, inpainting on x_t, posterior sampling)."""
+        c = G.GuidanceContext(
+            x=x_next, t=batch_timesteps(x, to), x_prev=x, t_prev=batch_timesteps(x, frm), key=key,
+            model_kwargs=self.model_kwargs, schedule=self.schedule, guidance=self.guidance,
+            config=self.config, network=self.model_fn)
+        return self.guidance.project(c)
+
 
 def denoise(ctx: Context, x, t, mode: str = "score") -> dict:
-    """p_mean_variance at respaced timesteps t [B] with the guidance applied: the model wrapped
-    (classifier-free), x0 projected (denoised), and the score gradient applied as GD's
-    condition_mean (mode="mean": the ancestral sampler) or condition_score (mode="score": DDIM and
-    the ODE solvers). Returns dict of mean, variance, log_variance, pred_xstart."""
-    sched, cfg = ctx.schedule, ctx.config
-    t_model = D.model_timesteps(sched, cfg, t)
-    output = ctx.guidance.wrap_model(ctx.model_fn)(x, t_model, **ctx.model_kwargs)
-    out = D.p_mean_variance(sched, cfg, output, x, t, clip_denoised=ctx.clip_denoised,
-                            denoised_fn=ctx.guidance.denoised)
-    gradient = ctx.guidance.grad(x, t_model, ctx.model_kwargs)
+    """p_mean_variance at respaced timesteps t [B] with the guidance applied (its contract:
+    `diffjax.core.guidance_contract`): the network through the model wrappers (classifier-free,
+    autoguidance), the x0 hooks before clipping (inpainting, thresholding), then the score terms
+    as GD's condition_mean (mode="mean": the ancestral sampler) or condition_score (mode="score":
+    DDIM and the ODE solvers). Returns dict of mean, variance, log_variance, pred_xstart."""
+    key = None if ctx.key is None else jax.random.fold_in(ctx.key, jnp.reshape(t, (-1,))[0])
+    c, out = G.predict(ctx.guidance, ctx.model_fn, ctx.schedule, ctx.config, x, t,
+                       ctx.model_kwargs, clip_denoised=ctx.clip_denoised, key=key)
+    gradient = ctx.guidance.score(c)
     if gradient is None:
         return out
     if mode == "mean":
         return dict(out, mean=G.condition_mean(out, gradient))
-    return G.condition_score(sched, out, x, t, gradient)
+    return G.condition_score(ctx.schedule, out, x, t, gradient)
 
 
 @flax.struct.dataclass
@@ -232,7 +243,7 @@ def sample_loop(
     def down(x, state, frm, to, key, noise):
         k_step, k_post = jax.random.split(key)
         x_next, state, pred = sampler.step(ctx, state, x, frm, k_step, noise)
-        return ctx.guidance.post_step(x_next, to, k_post, sched), state, pred
+        return ctx.project(x_next, to, k_post, x, frm), state, pred
 
     def up(x, state, frm, to, key, noise):
         beta = sched.betas[to]
@@ -369,7 +380,8 @@ def _sample_impl(key, variables, schedule, sampler, guidance, model_kwargs, clip
     if shardings is not None:
         x = jax.lax.with_sharding_constraint(x, shardings[0])
     ctx = Context(schedule=schedule, model_kwargs=model_kwargs, clip_denoised=clip_denoised,
-                  guidance=guidance, config=config, model_fn=_as_model_fn(apply, variables))
+                  guidance=guidance, config=config, model_fn=_as_model_fn(apply, variables),
+                  key=jax.random.fold_in(key_loop, 1))
     return sample_loop(ctx, sampler, x, key_loop, progress=progress, intermediates=intermediates,
                        checkpoint_segments=checkpoint_segments)
 

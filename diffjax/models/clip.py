@@ -381,9 +381,9 @@ def tokenize(tokenizer, prompts: Sequence[str], max_text_len: int):
 @flax.struct.dataclass
 class CLIPGuidance(G.Transform):
     """Noised-CLIP guidance (GLIDE) as a guidance transform:
-    g = scale * grad_x sum_b exp(logit_scale) f(x_t, t)_b . g(c)_b, through
-    `diffjax.core.guidance.energy`. The samplers apply it as the classifier gradient (mean + Sigma g
-    for the ancestral sampler, as glide-text2im's clip_guided notebook).
+    g = scale * grad_x sum_b exp(logit_scale) f(x_t, t)_b . g(c)_b, a score term
+    (`diffjax.core.guidance.log_density_gradient`): the samplers apply it as the classifier
+    gradient (mean + Sigma g for the ancestral sampler, as glide-text2im's clip_guided notebook).
 
     The caption embedding, the image encoder's variables and the scale are traced (a new prompt or
     scale does not recompile a sampling loop, and the weights are not baked into it); `clip` is
@@ -400,8 +400,8 @@ class CLIPGuidance(G.Transform):
         return self.clip.apply(self.image_variables, x, t, self.text_emb,
                                method=NoisedCLIP.similarity)
 
-    def grad(self, x, t, model_kwargs):
-        return G.energy(self.log_density, self.scale).grad(x, t, model_kwargs)
+    def score(self, c):
+        return G.log_density_gradient(self.log_density, self.scale, c)
 
 
 def clip_guidance(clip: NoisedCLIP, variables, prompts, scale=1.0, *, tokenizer=None) -> CLIPGuidance:
@@ -410,8 +410,8 @@ def clip_guidance(clip: NoisedCLIP, variables, prompts, scale=1.0, *, tokenizer=
     prompts: a list of captions (one, broadcast to every image, or one per image; needs `tokenizer`,
     a `diffjax.tokenizer.CLIPTokenizer`) or a pair (tokens [B, max_text_len], text_len [B]).
     variables: the NoisedCLIP's {"params": {"text_encoder": ..., "image_encoder": ...}}.
-    scale: glide-text2im's grad_scale (the clip_guided notebook uses 3.0). The captions are
-    embedded once, here."""
+    scale: glide-text2im's grad_scale (the clip_guided notebook uses 3.0; a number or a
+    `guidance.ScaleFn`). The captions are embedded once, here."""
     if isinstance(prompts, tuple) and len(prompts) == 2 and not isinstance(prompts[0], str):
         tokens, text_len = prompts
     elif tokenizer is None:
@@ -423,7 +423,7 @@ def clip_guidance(clip: NoisedCLIP, variables, prompts, scale=1.0, *, tokenizer=
     text_emb = clip.apply(variables, tokens, text_len, method=NoisedCLIP.text_embeddings)
     # Only the image encoder runs while sampling; the vocabulary table stays out of the loop.
     image_variables = {"params": {"image_encoder": variables["params"]["image_encoder"]}}
-    return CLIPGuidance(jnp.asarray(scale, jnp.float32), text_emb, image_variables, clip)
+    return CLIPGuidance(G.as_scale(scale), text_emb, image_variables, clip)
 
 
 __all__ = ["NoisedCLIP", "TextEncoder", "ImageEncoder", "CLIPGuidance", "clip_guidance",

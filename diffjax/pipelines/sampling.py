@@ -7,7 +7,8 @@ classifier-free guidance (`guidance_scale`: labels dropped to the null label, or
 caption), GLIDE text -> 64 px -> 256 px (`prompts=`, `upsampler=`), ADM super-resolution (ADM-G + U:
 `upsampler=` a super-resolution bundle, or `low_res=` given to one), inpainting by replacement with
 RePaint's resampling (`image=`, `mask=`; an inpainting model also sees them), ILVR (`reference=`,
-`down_factor=`) and any extra guidance transform (`guidance=`). The loop is one jit-compiled
+`down_factor=`), GLIDE's CLIP guidance (`clip=`), autoguidance by a weaker bundle (`autoguidance=`)
+and any further guidance transform (`guidance=`; docs/guidance.md). The loop is one jit-compiled
 `lax.scan` per shape (diffjax.core.samplers.sample): scales, eta, labels, masks and weights are
 traced, so changing them never recompiles. Images come back as uint8 [N, H, W, C].
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
@@ -24,11 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax import images as images_lib
+from diffjax import tokenizer as tokenizer_lib
 from diffjax.bundle import DiffusionModel
 from diffjax.conditioning import ClassLabel
 from diffjax.core import guidance as G
+from diffjax.core import guidance_methods as GM
 from diffjax.core import samplers as SM
 from diffjax.core.timegrid import TimeGrid
+from diffjax.models import clip as clip_lib
 
 DEFAULT_SAMPLER = "ddim"
 
@@ -58,13 +62,13 @@ class ClassifierGuidance(G.Transform):
     labels: Any
     module: Any = flax.struct.field(pytree_node=False)
 
-    def grad(self, x, t, model_kwargs):
-        def log_prob(x_):
-            logits = self.module.apply(self.variables, x_, t).astype(jnp.float32)
-            logp = jax.nn.log_softmax(logits, axis=-1)
-            return jnp.sum(jnp.take_along_axis(logp, self.labels[:, None], axis=-1))
+    def log_prob(self, x, t, **model_kwargs):
+        logits = self.module.apply(self.variables, x, t).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return jnp.take_along_axis(logp, self.labels[:, None], axis=-1)[:, 0]
 
-        return self.scale * jax.grad(log_prob)(x.astype(jnp.float32))
+    def score(self, c):
+        return G.log_density_gradient(self.log_prob, self.scale, c)
 
 
 def _request_batch(value, start: int, stop: int, n: int):
@@ -107,7 +111,7 @@ def sample(
     sampler: str | SM.Sampler | None = None,
     steps: int | str | TimeGrid | None = None,
     guidance_scale: float | None = None,
-    guidance: G.Transform | None = None,
+    guidance: G.Transform | Callable | None = None,
     labels=None,
     prompts: str | Sequence[str] | None = None,
     tokenizer: str | None = None,
@@ -120,6 +124,11 @@ def sample(
     down_factor: int = 4,
     classifier: DiffusionModel | None = None,
     classifier_scale: float | None = None,
+    clip=None,
+    clip_scale: float | None = None,
+    clip_tokenizer=None,
+    autoguidance: DiffusionModel | None = None,
+    autoguidance_scale: float | None = None,
     eta: float = 0.0,
     clip_denoised: bool | None = None,
     noise_scale: float | None = None,
@@ -147,7 +156,15 @@ def sample(
     reference, down_factor: ILVR (Choi et al. 2021) towards reference images [N or 1, H, W, C].
     classifier, classifier_scale: classifier guidance by a noisy-classifier bundle (labels are
         its targets; an unconditional model is guided towards random ones, as ADM-G).
-    guidance: any further `diffjax.core.guidance` transform, chained after these.
+    clip, clip_scale: GLIDE's CLIP guidance (Nichol et al. 2021) of a text model toward its
+        prompts: clip = (NoisedCLIP module, its variables), clip_scale its grad_scale (the
+        clip_guided notebook's 3.0); clip_tokenizer: a CLIPTokenizer or its
+        bpe_simple_vocab_16e6.txt.gz (default: the installed glide-text2im's).
+    autoguidance, autoguidance_scale: autoguidance (Karras et al. 2024) by a weaker bundle of the
+        same kind (same diffusion, prediction and conditioning): D = D_weak + w (D - D_weak).
+    guidance: any further transform (`diffjax.core.guidance`, `guidance_methods`), chained after
+        these; or a function of the unconditional model_kwargs returning one, for the
+        classifier-free family: `guidance=lambda null: GM.cfg_plus_plus(0.6, null)`.
     upsampler: a super-resolution bundle run on the samples (GLIDE's 64 -> 256, ADM-U), with the
         same labels / prompts; upsampler_steps its grid (default its own).
     batch_size: images per compiled call (default all); noise_scale: x_T = noise_scale N(0, I).
@@ -174,13 +191,16 @@ def sample(
     elif eta:
         raise ValueError("eta= applies to the 'ddim' sampler by name; pass samplers.DDIM(eta=...)")
     schedule = model.spec.schedule(steps if steps is not None else defaults.get("grid"))
-    clip = defaults.get("clip_denoised", True) if clip_denoised is None else clip_denoised
+    clip_x0 = defaults.get("clip_denoised", True) if clip_denoised is None else clip_denoised
     noise = noise_scale if noise_scale is not None else defaults.get("noise_scale", 1.0)
     batch = int(batch_size or n)
     if batch < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     module, variables = model.module, model.variables()
     shape_hw = model.image_shape
+    clip_scale = _check_scale("clip_scale", clip_scale if clip_scale is not None else 3.0)
+    clip_tokenizer = _clip_tokenizer(clip, clip_tokenizer)
+    ag_scale = _autoguidance_scale(model, autoguidance, autoguidance_scale)
     out, out_labels = [], []
     start = time.perf_counter()
     for i, first in enumerate(range(0, n, batch)):
@@ -207,11 +227,21 @@ def sample(
         if reference is not None:
             ref = images_lib.resize(_request_batch(reference, first, first + b, n), shape_hw[0])
             transforms.append(G.ilvr(jnp.broadcast_to(ref, (b,) + ref.shape[1:]), down_factor))
-        if guidance is not None:
+        if clip is not None:
+            transforms.append(_clip_guidance(clip, part, clip_scale, clip_tokenizer))
+        if autoguidance is not None:
+            if "text_emb" in kwargs:
+                raise ValueError("autoguidance= with a text model: the weak model would need its own "
+                                 "caption embedding; use guidance_methods.autoguidance directly")
+            weak = (_Network(autoguidance.module, tuple(sorted(kwargs))), autoguidance.variables())
+            transforms.append(GM.autoguidance(weak, ag_scale, mean_channels=shape_hw[-1]))
+        if callable(guidance) and not isinstance(guidance, G.Transform):
+            transforms.append(guidance(model.conditioning.null_kwargs((module, variables), part)))
+        elif guidance is not None:
             transforms.append(guidance)
         x = SM.sample(k_sample, (_Network(module, tuple(sorted(kwargs))), variables), schedule,
                       (b,) + shape_hw, sampler=sampler, guidance=G.chain(*transforms),
-                      config=model.spec.config, model_kwargs=kwargs, clip_denoised=clip,
+                      config=model.spec.config, model_kwargs=kwargs, clip_denoised=clip_x0,
                       noise_scale=noise, progress=progress)
         out.append(images_lib.to_uint8(x))
         if batch_labels is not None:
@@ -233,6 +263,52 @@ def sample(
                         mask=_upsampled_mask(mask, model, upsampler),
                         **up_request)
     return (images, {"labels": labels_out, "base": base}) if return_info else images
+
+
+def _clip_tokenizer(clip, tokenizer):
+    """The CLIP tokenizer of clip=: given, a path, or the installed glide-text2im's vocabulary."""
+    if clip is None or isinstance(tokenizer, tokenizer_lib.CLIPTokenizer):
+        return tokenizer
+    if not (isinstance(clip, tuple) and len(clip) == 2 and isinstance(clip[0], clip_lib.NoisedCLIP)):
+        raise ValueError(f"clip= takes (NoisedCLIP module, variables), got {type(clip).__name__}: "
+                         "e.g. compat.glide_clip.create_clip_model() and load_clip_state_dict")
+    path = tokenizer if tokenizer is not None else (
+        tokenizer_lib.glide_tokenizer_dir() / "bpe_simple_vocab_16e6.txt.gz")
+    loaded = tokenizer_lib.load_tokenizer(path)
+    if not isinstance(loaded, tokenizer_lib.CLIPTokenizer):
+        raise ValueError(f"clip_tokenizer={tokenizer!r} is not CLIP's bpe_simple_vocab*.txt(.gz)")
+    return loaded
+
+
+def _clip_guidance(clip, part: dict, scale, tokenizer):
+    """GLIDE's CLIP guidance toward the request's prompts."""
+    if "prompts" not in part:
+        raise ValueError("clip= guides toward captions: pass prompts=")
+    module, clip_variables = clip
+    return clip_lib.clip_guidance(module, clip_variables, list(part["prompts"]), scale,
+                                  tokenizer=tokenizer)
+
+
+def _autoguidance_scale(model: DiffusionModel, weak: DiffusionModel | None, scale):
+    """autoguidance_scale, with the weak bundle checked against the main one."""
+    if weak is None:
+        if scale is not None:
+            raise ValueError("autoguidance_scale= needs autoguidance= (the weak model)")
+        return None
+    if scale is None:
+        raise ValueError("autoguidance= needs autoguidance_scale= (w; 1 is the main model alone)")
+    if not isinstance(weak, DiffusionModel) or weak.kind != "diffusion":
+        raise ValueError(f"autoguidance= takes a diffusion DiffusionModel, got {type(weak).__name__}")
+    mine, theirs = model.spec, weak.spec
+    same = (weak.image_shape == model.image_shape and theirs.prediction == mine.prediction
+            and theirs.rescale_timesteps == mine.rescale_timesteps
+            and np.allclose(theirs.training_betas(), mine.training_betas())
+            and weak.conditioning.inputs == model.conditioning.inputs)
+    if not same:
+        raise ValueError(f"autoguidance= needs a weak model of the same kind as the main one (image "
+                         f"shape, training chain, prediction, timesteps, conditioning): main "
+                         f"{model.describe()}, weak {weak.describe()}")
+    return _check_scale("autoguidance_scale", scale)
 
 
 def _inpainting(part: dict, batch: int, shape_hw, jump_length, resample_count) -> G.Inpaint:
