@@ -43,6 +43,7 @@ import functools
 import gzip
 import os
 import pathlib
+import socket
 import threading
 import time
 from typing import Any, Sequence
@@ -141,15 +142,24 @@ def fashion_mnist(split: str = "train", path: str = "") -> tuple[np.ndarray, np.
     if split not in _IDX_PREFIX:
         raise ValueError(f"Fashion-MNIST split={split!r}: choose 'train' or 'test'")
     prefix = _IDX_PREFIX[split]
-    tried = [path] if path else []
-    tried += [os.environ.get("DIFFJAX_FASHION_MNIST", "")] + list(FASHION_MNIST_DIRS)
+    if path:  # a path given is the only place looked at: never silently another copy
+        images = _find_idx(paths.as_path(path), f"{prefix}-images-idx3-ubyte")
+        labels = _find_idx(paths.as_path(path), f"{prefix}-labels-idx1-ubyte")
+        if images and labels:
+            return read_idx(images)[..., None], read_idx(labels).astype(np.int32)
+        raise FileNotFoundError(
+            f"data.path={path!r} holds no {prefix}-images-idx3-ubyte[.gz] and "
+            f"{prefix}-labels-idx1-ubyte[.gz]: point it at the folder of Fashion-MNIST's IDX "
+            f"files, or leave it empty for the system copy "
+            f"(`apt-get install -y dataset-fashion-mnist`)")
+    tried = [os.environ.get("DIFFJAX_FASHION_MNIST", "")] + list(FASHION_MNIST_DIRS)
     for directory in filter(None, tried):
         images = _find_idx(paths.as_path(directory), f"{prefix}-images-idx3-ubyte")
         labels = _find_idx(paths.as_path(directory), f"{prefix}-labels-idx1-ubyte")
         if images and labels:
             return read_idx(images)[..., None], read_idx(labels).astype(np.int32)
     try:
-        source = _tfds_source("fashion_mnist", split, path or None)
+        source = _tfds_source("fashion_mnist", split, None)
         images = np.stack([source[i]["image"] for i in range(len(source))])
         labels = np.asarray([source[i]["label"] for i in range(len(source))], np.int32)
         return images, labels
@@ -162,9 +172,28 @@ def fashion_mnist(split: str = "train", path: str = "") -> tuple[np.ndarray, np.
         ) from None
 
 
+# Where tfds downloads from; probed before a download so that an offline machine fails in seconds
+# (tfds itself retries every file for minutes).
+TFDS_HOST = ("storage.googleapis.com", 443)
+
+
+def _reachable(host: tuple[str, int], timeout_s: float = 5.0) -> bool:
+    try:
+        socket.create_connection(host, timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
 def _tfds_source(name: str, split: str, data_dir: str | None):
     import tensorflow_datasets as tfds  # imported lazily: a heavy import the IDX path never needs
 
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared() and not _reachable(TFDS_HOST):
+        raise FileNotFoundError(
+            f"tfds dataset {name!r} is not prepared under {builder.data_dir} and "
+            f"{TFDS_HOST[0]} cannot be reached to download it: run `tfds build {name} "
+            f"--data_dir DIR` where there is network, copy DIR here and set data.path=DIR")
     return tfds.data_source(name, split=split, data_dir=data_dir)
 
 
@@ -187,6 +216,10 @@ def class_from_filename(path: str) -> str:
     return os.path.basename(path).split("_")[0]
 
 
+class ImageReadError(ValueError):
+    """An image file of a folder dataset that cannot be decoded (named in the message)."""
+
+
 class ImageFolderSource:
     """Random-access records {"image": uint8 [H, W, C], "label": int32} of an image folder."""
 
@@ -202,8 +235,12 @@ class ImageFolderSource:
 
     def __getitem__(self, i):
         name = self.files[i]
-        with Image.open(paths.as_path(name).open("rb") if paths.is_remote(name) else name) as im:
-            image = np.asarray(im.convert(self.mode))
+        try:
+            with Image.open(paths.as_path(name).open("rb") if paths.is_remote(name) else name) as im:
+                image = np.asarray(im.convert(self.mode))
+        except (OSError, SyntaxError, ValueError) as err:  # PIL's truncated / corrupt files
+            raise ImageReadError(f"{name}: not a readable image ({err}): replace or remove the "
+                                 f"file") from None
         return {"image": image, "label": self.labels[i]}
 
 

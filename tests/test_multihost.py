@@ -191,6 +191,7 @@ def runs(tmp_path_factory, images, env):
     return out
 
 
+@pytest.mark.slow  # the shared 1 -> 2 -> 1 process runs: ~8 min on 2 cores
 def test_two_processes_reach_the_parameters_of_one(runs):
     """Same global batches (data.py's process-count-independent order), same keys: after steps
     5-40 in 2 processes the whole state agrees with the 1-process run to float tolerance (the
@@ -210,6 +211,7 @@ def test_two_processes_reach_the_parameters_of_one(runs):
                                [rows[0][k] for k in sorted(rows[1])], rtol=1e-5)
 
 
+@pytest.mark.slow  # the shared 1 -> 2 -> 1 process runs: ~8 min on 2 cores
 def test_checkpoints_restore_across_process_counts(runs):
     """Saved by 1 process and resumed by 2, saved by 2 and resumed by 1: the end states are the
     uninterrupted run's; a restored checkpoint equals the saved one, exactly."""
@@ -230,6 +232,7 @@ def _losses(workdir):
     return {r["step"]: r["loss"] for r in rows}
 
 
+@pytest.mark.slow  # the shared 1 -> 2 -> 1 process runs: ~8 min on 2 cores
 def test_the_process_layout_changes_no_bit(runs):
     """The same devices (a 2-device mesh), spread over 1 process or 2: every device runs the same
     program on the same rows and the gradient all-reduce adds the same 2 partial sums (a + b is
@@ -240,6 +243,7 @@ def test_the_process_layout_changes_no_bit(runs):
     assert losses == {k: v for k, v in _losses(runs["one"]).items() if k in losses}
 
 
+@pytest.mark.slow  # the shared 1 -> 2 -> 1 process runs: ~8 min on 2 cores
 def test_another_device_count_changes_only_the_rounding_of_the_batch_sum(tmp_path, runs, images,
                                                                          env):
     """1 device instead of 2, from the same checkpoint (step 4): step 5 sees the same parameters,
@@ -302,6 +306,7 @@ def test_killed_process_stops_the_other_then_both_resume(tmp_path, images, env):
     assert _state(workdir)[1] == {"next_batch": TOTAL_STEPS}
 
 
+@pytest.mark.slow  # a 2-process run: ~1 min on 2 cores
 def test_sigterm_to_every_process_saves_one_consistent_checkpoint(tmp_path, images, env):
     """SIGTERM to process 0, then to process 1 half a second later: both save the SAME step (JAX's
     preemption sync point) and exit with 143; that checkpoint is complete and restorable."""

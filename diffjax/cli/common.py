@@ -14,6 +14,7 @@ import os
 import pathlib
 import sys
 import traceback
+from collections.abc import Callable
 
 import ml_collections
 
@@ -51,16 +52,21 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
 
 
 def _literal(text: str):
+    if text.strip().lower() in ("nan", "inf", "+inf", "-inf"):
+        return float(text)  # so that the settings' finiteness checks name the value
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
         return text  # a plain string
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
-    """`--config.a.b=value` (or `--config.a.b value`) overrides. A key the config does not have is
-    an error naming the closest one; a value is a Python literal (a string otherwise); a tuple
-    or list replaces the old value whole."""
+def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str],
+                    schema: Callable[[tuple, ml_collections.ConfigDict], list | None] | None = None
+                    ) -> ml_collections.ConfigDict:
+    """`--config.a.b=value` (or `--config.a.b value`) overrides. A key is valid when the config
+    has it or `schema(path, config)` lists it (a field left at its default); any other key is an
+    error naming the closest one. A value is a Python literal (nan / inf are floats; a string
+    otherwise); a tuple or list replaces the old value whole."""
     config = ml_collections.ConfigDict(config.to_dict())
     i = 0
     while i < len(overrides):
@@ -75,16 +81,19 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]):
             value, i = overrides[i + 1], i + 1
         i += 1
         *parents, leaf = key.split(".")
-        node, where = config, "the config"
-        for part in parents:
+        node, path = config, ()
+        for part in (*parents, leaf):
+            where = ".".join(path) or "the config"
             if part not in node:
-                fields.check_keys(where, [part], list(node.keys()))
-            node, where = node[part], f"{where}.{part}" if where != "the config" else part
-            if not isinstance(node, ml_collections.ConfigDict):
-                raise ValueError(f"--config.{key}: {where} is not a section")
-        if leaf not in node:
-            fields.check_keys(where, [leaf], list(node.keys()))
-        old, new = node[leaf], _literal(value)
+                known = (schema(path, config) if schema else None) or []
+                fields.check_keys(where, [part], dict.fromkeys([*node.keys(), *known]))
+                if part != leaf:
+                    node[part] = ml_collections.ConfigDict()
+            if part != leaf:
+                node, path = node[part], (*path, part)
+                if not isinstance(node, ml_collections.ConfigDict):
+                    raise ValueError(f"--config.{key}: {'.'.join(path)} is not a section")
+        old, new = node.get(leaf), _literal(value)
         if isinstance(old, (tuple, list)) and not isinstance(new, (tuple, list)):
             new = (new,)
         if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):

@@ -9,6 +9,7 @@ import sys
 from diffjax import distributed
 from diffjax.cli import common
 from diffjax.pipelines.training import TrainingDiverged, train_and_evaluate
+from diffjax.pipelines.training.config import config_keys
 
 DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "default.py"
 
@@ -30,7 +31,8 @@ def build_parser():
 
 def main(argv=None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
-    config = common.apply_overrides(common.load_config_file(args.config), overrides)
+    config = common.apply_overrides(common.load_config_file(args.config), overrides,
+                                    config_keys)
     # Before any computation: the processes of a pod / cluster become one JAX program.
     distributed.initialize(distributed.config_from_args(args))
     try:

@@ -21,6 +21,7 @@ guided-diffusion's flags map onto a spec in `diffjax.compat` (one place).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any
 
 import numpy as np
@@ -34,6 +35,19 @@ BETA_SCHEDULES = ("linear", "cosine", "custom")
 PREDICTIONS = {"eps": "epsilon", "x0": "start_x", "v": "v", "xprev": "previous_x"}
 VARIANCES = ("fixed_small", "fixed_large", "learned", "learned_range")
 LOSSES = ("mse", "hybrid", "kl")
+# guided-diffusion's diffusion flags and the spec setting that replaces each (for error messages;
+# the mapping itself lives in diffjax.compat).
+GD_FLAGS = {
+    "learn_sigma": "variance='learned_range' (or 'fixed_small' / 'fixed_large')",
+    "sigma_small": "variance='fixed_small'",
+    "noise_schedule": "beta_schedule",
+    "diffusion_steps": "num_steps",
+    "predict_xstart": "prediction='x0'",
+    "predict_v": "prediction='v'",
+    "use_kl": "loss='kl'",
+    "rescale_learned_sigmas": "loss='mse' with rescale_loss=True",
+    "timestep_respacing": "a sampling TimeGrid (python -m diffjax sample --steps ddim25)",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,5 +123,14 @@ class DiffusionSpec:
     @classmethod
     def from_dict(cls, values, where: str = "diffusion") -> "DiffusionSpec":
         """A spec from a dict (a config section, a checkpoint's metadata); unknown keys are an
-        error naming the closest valid key."""
-        return fields.from_dict(cls, values, where)
+        error naming the closest valid key, and guided-diffusion's flag names the native setting
+        that replaces them."""
+        given = dict(values.to_dict() if hasattr(values, "to_dict") else values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name in given:
+            flag = difflib.get_close_matches(name, GD_FLAGS, n=1, cutoff=0.75)
+            if name not in known and flag:
+                raise ValueError(f"unknown DiffusionSpec setting in {where}: {name!r} (did you "
+                                 f"mean guided-diffusion's {flag[0]!r}? here it is "
+                                 f"{GD_FLAGS[flag[0]]})")
+        return fields.from_dict(cls, given, where)

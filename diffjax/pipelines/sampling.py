@@ -193,7 +193,7 @@ def sample(
     schedule = model.spec.schedule(steps if steps is not None else defaults.get("grid"))
     clip_x0 = defaults.get("clip_denoised", True) if clip_denoised is None else clip_denoised
     noise = noise_scale if noise_scale is not None else defaults.get("noise_scale", 1.0)
-    batch = int(batch_size or n)
+    batch = n if batch_size is None else batch_size
     if batch < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
     module, variables = model.module, model.variables()

@@ -26,7 +26,7 @@ import ml_collections
 from diffjax import data as data_lib
 from diffjax import tokenizer as tokenizer_lib
 from diffjax.bundle import DiffusionModel
-from diffjax.conditioning import ClassLabel, Conditioning, Text
+from diffjax.conditioning import KINDS, ClassLabel, Conditioning, Text
 from diffjax.core import fields
 from diffjax.core import samplers as SM
 from diffjax.core import timestep_sampling
@@ -226,6 +226,29 @@ def _network(model_section: dict, task: str, cond: Conditioning, spec: Diffusion
     valid = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
     fields.check_keys(f"model (a {cls.__name__})", flags, valid)
     return network_config(cls(**common, **extra, **flags))
+
+
+def config_keys(path: tuple[str, ...], config: ml_collections.ConfigDict) -> list[str] | None:
+    """The keys the schema accepts at `path` of a training config (() is the top level), or None
+    where it does not say (free-form values). Lets `--config.train.fsdp=2` set a field that the
+    config file left at its default."""
+    settings = {("train",): TrainConfig, ("data",): data_lib.DataConfig, ("optim",): OptimConfig,
+                ("checkpoint",): CheckpointConfig, ("eval",): EvalConfig,
+                ("diffusion",): DiffusionSpec}
+    if path == ():
+        return list(SECTIONS)
+    if path in settings:
+        return [f.name for f in dataclasses.fields(settings[path]) if f.init]
+    if path == ("conditioning",):
+        return list(KINDS)
+    if len(path) == 2 and path[0] == "conditioning" and path[1] in KINDS:
+        return [f.name for f in dataclasses.fields(KINDS[path[1]]) if f.init]
+    if path == ("model",):
+        cls = EncoderUNetModel if (config.get("train") or {}).get("task") == "classifier" else \
+            Conditioning.from_config(dict(config.get("conditioning") or {})).denoiser_class()
+        return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in
+                ("parent", "name", *DERIVED_FIELDS)]
+    return None
 
 
 def experiment_from_config(config: ml_collections.ConfigDict, init_model=None) -> Experiment:

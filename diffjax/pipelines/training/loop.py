@@ -152,6 +152,31 @@ def _write_grid(experiment, model, path, writer=None, step=0):
     return images
 
 
+# What may change between a run and its resumption: how the step computes, not what it trains.
+_RESUMABLE_CHANGES = ("dtype", "use_checkpoint", "attention_impl", "conv_algorithm")
+
+
+def _check_resumable(ckpts, description: dict, workdir) -> None:
+    """Refuse to resume a workdir whose checkpoints hold another model (network, diffusion,
+    conditioning, image shape), naming every difference, before anything is restored or written."""
+    saved = ckpts.model()
+    if saved is None:
+        return
+    differences = []
+    for section in ("kind", "network", "spec", "conditioning", "image_shape"):
+        old, new = saved.get(section), description.get(section)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += [f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}"
+                            for k in sorted(set(old) | set(new))
+                            if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+        elif old != new:
+            differences.append(f"{section}: {old!r} -> {new!r}")
+    if differences:
+        raise ValueError(f"{workdir} holds checkpoints of another model than this config "
+                         f"describes ({'; '.join(differences)}): resume with the run's own "
+                         f"config ({workdir}/config.json) or train in another --workdir")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Train (resuming from workdir/checkpoints when it holds a checkpoint), then sample a grid,
     estimate bits/dim, export the model to workdir/model and write PNGs and metrics to
@@ -160,16 +185,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     workdir = paths.as_path(workdir)  # local or gs://...: one code path (etils.epath)
     experiment, trainer, init_params = experiment_and_trainer(config)
     tc, eval_cfg, ckpt_cfg = experiment.train, experiment.eval, experiment.checkpoint
-    workdir.mkdir(parents=True, exist_ok=True)
     mesh = parallel.make_mesh(tc.fsdp)
     parallel.local_batch_size(tc.batch_size, mesh)  # checks that every device gets a share
+    workdir.mkdir(parents=True, exist_ok=True)  # only once the settings are known to be good
+    ckpts = ckpt_lib.CheckpointManager(workdir / "checkpoints", ckpt_cfg)
+    _check_resumable(ckpts, experiment.description(), workdir)
     if process0 := jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=1))
 
     key = jax.random.PRNGKey(tc.seed)
     init = functools.partial(trainer.init, params=init_params)
     abstract, state_sh = state_shardings(init, mesh, key)
-    ckpts = ckpt_lib.CheckpointManager(workdir / "checkpoints", ckpt_cfg)
     restored = ckpts.restore(jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh))
     if restored is None:
