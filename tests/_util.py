@@ -137,5 +137,6 @@ def write_tiny_pretrained(home, names=TINY_PRETRAINED, size: int = 64,
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """A $DIFFJAX_HOME holding every tiny pretrained name (64 px bases) for a test module."""
-    return write_tiny_pretrained(tmp_path_factory.mktemp("diffjax_home"))
+    """A $DIFFJAX_HOME holding every tiny pretrained name (64 px bases, no residual blocks: the
+    fastest compile) for a test module."""
+    return write_tiny_pretrained(tmp_path_factory.mktemp("diffjax_home"), num_res_blocks=0)
