@@ -140,3 +140,14 @@ def cache(tmp_path_factory):
     """A $DIFFJAX_HOME holding every tiny pretrained name (64 px bases, no residual blocks: the
     fastest compile) for a test module."""
     return write_tiny_pretrained(tmp_path_factory.mktemp("diffjax_home"), num_res_blocks=0)
+
+
+# The samplers every sampler-parametrized test runs in the default suite; the others run under
+# `-m slow` (each adds a compile of a whole loop: the default suite stays under its 15 minutes).
+QUICK_SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+
+
+def samplers_quick_first(names) -> list:
+    """`names` as pytest params, those outside QUICK_SAMPLERS marked slow."""
+    return [name if name in QUICK_SAMPLERS else pytest.param(name, marks=pytest.mark.slow)
+            for name in names]

@@ -12,6 +12,7 @@ from diffjax.core import guidance as G
 from diffjax.core import samplers as SM
 from diffjax.core import schedules as S
 from tests.test_inversion import float64_schedule
+from tests._util import samplers_quick_first
 
 # x0-prediction through tanh: bounded samples, so that the loss is smooth on the scale of h.
 CONFIG = D.DiffusionConfig(mean_type="start_x", var_type="fixed_small")
@@ -64,7 +65,7 @@ def directional_derivatives(loss, grads, inputs, name, key, h=1e-5):
     return float(exact), float((loss(moved[0]) - loss(moved[1])) / (2 * h))
 
 
-@pytest.mark.parametrize("sampler", sorted(SM.SAMPLERS))
+@pytest.mark.parametrize("sampler", samplers_quick_first(sorted(SM.SAMPLERS)))
 def test_gradient_through_the_checkpointed_loop_matches_finite_differences(sampler):
     """7 steps: segments of 3, 3 and a shorter last one. Batch 4: sharded over the 4 test devices."""
     with jax.enable_x64(True):

@@ -9,6 +9,7 @@ from diffjax.core import guidance as G
 from diffjax.core import schedules as S
 from diffjax.core import samplers as SM_core  # the loop itself (diffjax.sample takes a model)
 from tests.test_resize import reference_imresize
+from tests._util import samplers_quick_first
 
 SAMPLERS = ["ddpm", "ddim", "dpm++2m", "heun", "dpm++3m", "dpm++2s", "unipc", "ipndm"]
 SCHED = S.make_schedule("cosine", 1000, "8")
@@ -39,7 +40,7 @@ def run(sampler, guidance=None, y=None, key=KEY):
 LABELS = jnp.array([0, 1, 2, 3])
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", samplers_quick_first(SAMPLERS))
 def test_classifier_guidance_at_scale_zero_is_unguided(sampler):
     plain = run(sampler, y=LABELS)
     zero = run(sampler, G.classifier(toy_logits, 0.0), y=LABELS)
@@ -157,7 +158,7 @@ def test_ilvr_jax_resizer_differs_only_near_the_borders():
         G.ilvr(ref, factor, resizer="bilinear")
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", samplers_quick_first(SAMPLERS))
 def test_inpainting_returns_the_known_region_exactly(sampler):
     known = jax.random.uniform(jax.random.PRNGKey(3), SHAPE, minval=-1, maxval=1)
     mask = jnp.zeros(SHAPE[:-1] + (1,)).at[:, :, :4].set(1.0)
@@ -211,7 +212,7 @@ def test_chain_order_rules():
                 ).levels(10)
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", samplers_quick_first(SAMPLERS))
 def test_one_chain_of_everything_runs_on_every_sampler(sampler):
     known = jax.random.uniform(jax.random.PRNGKey(3), SHAPE, minval=-1, maxval=1)
     mask = jnp.zeros(SHAPE[:-1] + (1,)).at[:, :2].set(1.0)

@@ -17,6 +17,7 @@ from diffjax.core import guidance as G
 from diffjax.core import guidance_methods as GM
 from diffjax.core import samplers as SM
 from diffjax.core import schedules as S
+from tests._util import samplers_quick_first
 
 SAMPLERS = ["ddpm", "ddim", "dpm++2m", "heun", "dpm++3m", "dpm++2s", "unipc", "ipndm"]
 X0 = D.DiffusionConfig(mean_type="start_x", var_type="fixed_small")
@@ -483,7 +484,7 @@ def _matrix_run(sampler, method, params):
                                 model_kwargs={"y": MATRIX_LABELS}))
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", samplers_quick_first(SAMPLERS))
 def test_every_method_with_every_sampler(sampler):
     """One compiled loop per sampler runs every method: finite, changing the sample, the
     identity at its neutral setting (CFG++ has none), and posterior sampling towards the
