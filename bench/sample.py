@@ -137,8 +137,8 @@ def main(argv=None):
         name = "classifier-guided" if guided else "unguided"
         compile_s, seconds, ours = bench_diffjax(unet, unet_sd, clf, clf_sd, gd, x_T, y, guided,
                                                  args.repeats)
-        print(f"\n{name}: diffjax {seconds:8.2f} s ({seconds / args.steps:.3f} s/step), "
-              f"compile {compile_s:.1f} s")
+        print(f"\n{name}: diffjax {seconds:8.2f} s ({seconds / args.steps:.3f} s/step, "
+              f"{args.batch / seconds:.2f} images/s), compile {compile_s:.1f} s")
         if args.reference_src:
             try:
                 ref_s, ref = bench_torch(flags, unet_sd, clf_sd, args.steps, x_T, y, guided,
@@ -148,7 +148,7 @@ def main(argv=None):
                 continue
             diff = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
             print(f"{name}: PyTorch {ref_s:8.2f} s ({ref_s / args.steps:.3f} s/step, "
-                  f"{args.threads} threads)\n  ratio diffjax / PyTorch: {seconds / ref_s:.2f}   "
+                  f"{args.batch / ref_s:.2f} images/s, {args.threads} threads)\n  ratio diffjax / PyTorch: {seconds / ref_s:.2f}   "
                   f"(samples rel. difference {diff:.1e})")
 
 

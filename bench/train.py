@@ -1,6 +1,6 @@
 """Training-step speed of diffjax (and, with --reference-src, of guided-diffusion's PyTorch step on
-the same machine in the same run): step time, images/s, compile time, peak memory, and on a GPU
-the model FLOP utilisation (MFU) from XLA's cost analysis.
+the same machine in the same run): step time, images/s, compile time, peak memory, and where the
+device's peak is known (or --peak-tflops) the model FLOP utilisation (MFU) from XLA's cost analysis.
 
     python bench/train.py [--configs default cifar10] [--batch N] [--repeats 5] [--warmup 2]
         [--dtype float32|bfloat16] [--reference-src PATH/TO/guided-diffusion] [--threads 2]
@@ -38,7 +38,9 @@ import ml_collections
 import numpy as np
 
 from diffjax import parallel
-from diffjax import train as T
+from diffjax.pipelines import training as T
+from diffjax.pipelines.training import metrics
+from diffjax.pipelines.training.state import create_state
 
 CONFIGS = {
     "default": (8, 32, 1, 10, dict(model_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2),
@@ -52,8 +54,6 @@ CONFIGS = {
                                    use_scale_shift_norm=True, resblock_updown=True,
                                    use_new_attention_order=True)),
 }
-# Peak dense bfloat16 FLOP/s per device, for MFU (vendor datasheets).
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def experiment(name, batch, dtype):
@@ -87,25 +87,26 @@ def _rss_gib():
 def bench_diffjax(config, repeats, warmup):
     trainer, _, _ = T.trainer_from_config(config)
     mesh = parallel.make_mesh(1)
-    state, shardings = T.create_state(trainer, mesh, jax.random.PRNGKey(0))
+    state, shardings = create_state(trainer.init, mesh, jax.random.PRNGKey(0))
     tc = trainer.config
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(-1, 1, (1, tc.batch_size) + trainer.image_shape).astype(np.float32),
-             "label": rng.integers(0, max(tc.num_classes, 1), (1, tc.batch_size)).astype(np.int32)}
+             # Every config here has 10 or 1000 classes.
+             "label": rng.integers(0, 10, (1, tc.batch_size)).astype(np.int32)}
     batch = parallel.host_to_global(batch, parallel.batch_sharding(mesh, 1))
     start = time.perf_counter()
-    compiled = T.compile_steps(trainer, mesh, shardings).lower(state, batch).compile()
+    lowered = T.compile_steps(trainer, mesh, shardings).lower(state, batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
     holder = [state]
 
     def step():
-        holder[0], metrics = compiled(holder[0], batch)
-        jax.block_until_ready(metrics)
+        holder[0], out = compiled(holder[0], batch)
+        jax.block_until_ready(out)
 
     seconds = _median(step, repeats, warmup)
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    # The lowered program's count covers every device's share (the compiled one's, one device's).
+    flops = metrics.program_flops(lowered)
     n_params = sum(x.size for x in jax.tree.leaves(holder[0].params))
     device = jax.devices()[0]
     peak_mem = None
@@ -167,6 +168,8 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reference-src", default=None, help="a guided-diffusion checkout")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="peak TFLOP/s per device for the MFU (default: the device's datasheet)")
     args = p.parse_args(argv)
     if args.reference_src:
         sys.path.insert(0, os.path.abspath(args.reference_src))
@@ -184,12 +187,13 @@ def main(argv=None):
                f"peak RSS {_rss_gib():.2f} GiB (+{_rss_gib() - rss0:.2f})")
         print(f"  diffjax : step {r['seconds']:.3f} s, {batch / r['seconds']:.1f} images/s, "
               f"compile {r['compile_s']:.1f} s, {mem}")
-        kind = dev.device_kind
-        peak = next((v for k, v in PEAK_BF16.items() if k in kind), None)
-        if dev.platform == "gpu" and peak and r["flops"]:
-            mfu = r["flops"] / r["seconds"] / (peak * jax.device_count())
-            print(f"  MFU     : {100 * mfu:.1f} % of {kind}'s bf16 peak "
-                  f"({r['flops'] / 1e12:.2f} TFLOP per step by XLA's cost analysis)")
+        dtype = args.dtype if args.dtype != "auto" else \
+            ("float32" if dev.platform == "cpu" else "bfloat16")  # TrainConfig's "auto"
+        peak = args.peak_tflops * 1e12 or metrics.peak_flops(dev.device_kind, dtype)
+        if peak and r["flops"]:
+            mfu = metrics.mfu(r["flops"], r["seconds"], peak, jax.device_count())
+            print(f"  MFU     : {100 * mfu:.1f} % of {peak / 1e12:g} TFLOP/s per device ({dtype}; "
+                  f"{r['flops'] / 1e12:.3g} TFLOP per step by XLA's cost analysis)")
         if args.reference_src:
             try:
                 ref = bench_torch(name, args.batch, args.repeats, args.warmup, args.threads)

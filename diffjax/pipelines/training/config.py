@@ -50,8 +50,11 @@ class TrainConfig:
     """What one step does. batch_size is GLOBAL (split over all devices and processes);
     microbatch > 0 accumulates gradients over batch_size / microbatch chunks (GD's --microbatch);
     ema_rates: one EMA of the parameters per rate, decay min(rate, (1 + n) / (10 + n)) at update n
-    when ema_warmup; compute_dtype "auto" is bfloat16 on GPU / TPU and float32 on CPU;
-    max_bad_steps: consecutive non-finite steps that stop the run."""
+    when ema_warmup; compute_dtype "auto" is bfloat16 on GPU / TPU and float32 on CPU (parameters
+    and optimizer state are float32 either way); max_bad_steps: consecutive non-finite steps that
+    stop the run; peak_tflops: one device's peak TFLOP/s in the compute dtype, against which the
+    model FLOP utilisation `mfu` is logged (0: the datasheet value of a known device,
+    metrics.PEAK_TFLOPS; no `mfu` for an unknown one)."""
 
     task: str = "diffusion"
     batch_size: int = 32
@@ -66,6 +69,7 @@ class TrainConfig:
     max_bad_steps: int = 20
     schedule_sampler: str = "uniform"
     seed: int = 0
+    peak_tflops: float = 0.0
 
     def __post_init__(self):
         fields.check_choice("train.task", self.task, TASKS)
@@ -87,6 +91,7 @@ class TrainConfig:
                             ("auto", "float32", "bfloat16"))
         fields.check_choice("train.schedule_sampler", self.schedule_sampler,
                             timestep_sampling.SAMPLER_NAMES)
+        fields.check_finite("train.peak_tflops", self.peak_tflops, low=0.0)
 
     @property
     def num_microbatches(self) -> int:

@@ -9,6 +9,7 @@ a resumed run starts from the newest checkpoint that verifies.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -30,6 +31,7 @@ from diffjax.io.loading import load
 from diffjax.pipelines import sampling
 from diffjax.pipelines.evaluation.bpd import estimate_bpd
 from diffjax.pipelines.training import finetune
+from diffjax.pipelines.training import metrics as metrics_lib
 from diffjax.pipelines.training.config import Experiment, experiment_from_config
 from diffjax.pipelines.training.metrics import MetricWriter
 from diffjax.pipelines.training.step import Trainer, build_trainer, compile_steps
@@ -64,9 +66,37 @@ def model_from_state(experiment: Experiment, state, use: str | None = None) -> D
     return model.using(use) if use is not None else model
 
 
+def flop_accounting(trainer: Trainer, mesh, state_sh, state, batches,
+                    lowered) -> tuple[float, float] | None:
+    """(FLOPs of one step, the peak FLOP/s of one device) for the logged MFU, or None when the
+    peak (train.peak_tflops, else the device's datasheet value) or the count is unknown.
+
+    The count is XLA's cost analysis of the step as written, before XLA's optimisations, over the
+    whole global batch (every device's share). `lowered` (steps_per_dispatch steps on `batches`
+    [S, B, ...], unrolled) is that count S times over. XLA counts a rolled loop's body once, so the
+    microbatch loop would count one chunk: with train.microbatch the count is taken from one step
+    of the same arithmetic on the whole batch at once (one more lowering, no compile). With
+    train.remat the recomputed forward pass is counted too."""
+    tc = trainer.config
+    peak = tc.peak_tflops * 1e12 or metrics_lib.peak_flops(mesh.devices.flat[0].device_kind,
+                                                            tc.resolved_dtype())
+    if not peak or lowered is None:
+        return None
+    if tc.num_microbatches == 1:
+        flops = metrics_lib.program_flops(lowered)
+        flops = flops and flops / tc.steps_per_dispatch
+    else:
+        whole = dataclasses.replace(trainer, config=dataclasses.replace(
+            tc, microbatch=0, steps_per_dispatch=1))
+        one = jax.tree.map(lambda b: jax.ShapeDtypeStruct((1,) + b.shape[1:], b.dtype), batches)
+        flops = metrics_lib.program_flops(compile_steps(whole, mesh, state_sh).lower(state, one))
+    return (flops, peak) if flops else None
+
+
 class _Logger:
     """Host-side bookkeeping of the step metrics: averages over each logging interval, the
-    non-finite watchdog, and the run of losses for the final metrics."""
+    non-finite watchdog, and the run of losses for the final metrics. `flop_rate`: (FLOPs per
+    step, peak FLOP/s per device, devices) when the MFU is logged."""
 
     def __init__(self, writer: MetricWriter, trainer: Trainer, log_every: int, images_per_step: int):
         self.writer, self.trainer = writer, trainer
@@ -74,6 +104,7 @@ class _Logger:
         self.sums, self.count, self.last_ok = {}, 0, {}
         self.losses = []  # (step, loss) of every finite step of this process's run
         self.clock, self.clock_step = None, None
+        self.flop_rate = None
 
     def start_clock(self, step: int):
         self.clock, self.clock_step = time.perf_counter(), step
@@ -109,6 +140,9 @@ class _Logger:
             seconds = time.perf_counter() - self.clock
             scalars["steps_per_s"] = (step - self.clock_step) / seconds
             scalars["images_per_s"] = scalars["steps_per_s"] * self.images_per_step
+            if self.flop_rate is not None:
+                scalars["mfu"] = metrics_lib.mfu(self.flop_rate[0], 1 / scalars["steps_per_s"],
+                                                 *self.flop_rate[1:])
             self.start_clock(step)
         self.writer.write_scalars(step, scalars)
         self.sums, self.count = {}, 0
@@ -227,9 +261,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         print("diffjax train: compiling the step ...", file=sys.stderr, flush=True)
     compile_start = time.perf_counter()
     batches = next_batches() if step < tc.total_steps else None
-    compiled = compile_steps(trainer, mesh, state_sh).lower(state, batches).compile() \
+    lowered = compile_steps(trainer, mesh, state_sh).lower(state, batches) \
         if batches is not None else None
+    compiled = lowered.compile() if lowered is not None else None
     compile_s = time.perf_counter() - compile_start
+    accounting = flop_accounting(trainer, mesh, state_sh, state, batches, lowered)
+    if accounting is not None:
+        logger.flop_rate = (*accounting, mesh.size)
+        _log(f"logging MFU against {accounting[1] / 1e12:g} TFLOP/s per device x {mesh.size}: "
+             f"{accounting[0] / 1e12:.4g} TFLOP per step (XLA's cost analysis)")
     preempted = ckpt_lib.PreemptionFlag()
     pending = None
     from tqdm.auto import tqdm
@@ -347,5 +387,5 @@ def _final_outputs(experiment, trainer, state, workdir, writer, step) -> dict:
     return out
 
 
-__all__ = ["TrainingDiverged", "train_and_evaluate", "trainer_from_config",
+__all__ = ["TrainingDiverged", "train_and_evaluate", "trainer_from_config", "flop_accounting",
            "experiment_and_trainer", "model_from_state", "sample_grid"]

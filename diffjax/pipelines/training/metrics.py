@@ -1,6 +1,10 @@
 """Metrics of a run, on process 0: the console (through the progress bar), `metrics.jsonl`, and
 TensorBoard event files written by tensorboardX (scalars, the sample grid as an image, and the
-run's hyper-parameters). tensorboardX writes without TensorFlow."""
+run's hyper-parameters). tensorboardX writes without TensorFlow.
+
+Model FLOP utilisation: MFU = FLOPs per step / step time / (peak FLOP/s per device x devices), the
+FLOPs counted by XLA's cost analysis of the step (`program_flops`), the peak from the device's
+datasheet (`peak_flops`) or given."""
 from __future__ import annotations
 
 import json
@@ -14,6 +18,50 @@ import jax
 import numpy as np
 
 from diffjax import paths
+
+# Dense peak TFLOP/s per device by compute dtype (vendor datasheets, without sparsity); a device
+# kind (jax.Device.device_kind) takes the first entry whose name it contains, case ignored.
+# float32 on A100 / H100 / H200 is TF32 on the tensor cores, which XLA uses for float32 matmuls
+# and convolutions at JAX's default precision; V100 has no bfloat16 units (its 125 is float16);
+# on TPU float32 speed depends on the matmul precision, so it is left unknown.
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float16": 756.0, "float32": 378.0}),
+    ("H100", {"bfloat16": 989.0, "float16": 989.0, "float32": 495.0}),
+    ("H200", {"bfloat16": 989.0, "float16": 989.0, "float32": 495.0}),
+    ("A100", {"bfloat16": 312.0, "float16": 312.0, "float32": 156.0}),
+    ("V100", {"float16": 125.0, "float32": 15.7}),
+    ("TPU v4", {"bfloat16": 275.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0}),
+    ("TPU v5e", {"bfloat16": 197.0}),
+    ("TPU v5", {"bfloat16": 459.0}),  # v5p reports "TPU v5" (v5e "TPU v5 lite", matched above)
+    ("TPU v6 lite", {"bfloat16": 918.0}),
+)
+
+
+def peak_flops(device_kind: str, dtype) -> float | None:
+    """The dense peak FLOP/s of one `device_kind` device computing in `dtype`, or None when the
+    table does not know it."""
+    dtype = np.dtype(dtype).name
+    for name, peaks in PEAK_TFLOPS:
+        if name.lower() in device_kind.lower():
+            return peaks[dtype] * 1e12 if dtype in peaks else None
+    return None
+
+
+def program_flops(stage) -> float | None:
+    """FLOPs of a lowered or compiled JAX program by XLA's cost analysis (None if the backend
+    gives none). A lowered program is counted before XLA's optimisations and whole (every
+    device's share); a compiled one per device. XLA counts a rolled loop's body once."""
+    cost = stage.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+        cost = cost[0] if cost else None
+    flops = float(cost.get("flops", 0.0)) if cost else 0.0
+    return flops if flops > 0 else None
+
+
+def mfu(flops_per_step: float, seconds_per_step: float, peak: float, devices: int) -> float:
+    """Model FLOP utilisation: the fraction of `devices` x `peak` FLOP/s the step achieves."""
+    return flops_per_step / seconds_per_step / (peak * devices)
 
 
 def _console(text: str) -> None:
