@@ -46,7 +46,11 @@ fi
 # 1. Parity.
 start=$SECONDS
 failed=""
-$py -m pytest -q -p no:cacheprovider "${parity[@]}" >"$LOGDIR/parity.log" 2>&1 && ok=pass || {
+# On the accelerator (the suite's conftest defaults to CPU), at full float32 matmul precision:
+# parity is a float32 statement (TF32 would round inputs to 10 mantissa bits).
+parity_env=(JAX_DEFAULT_MATMUL_PRECISION=highest)
+[[ $quick == 1 ]] || parity_env+=(JAX_PLATFORMS=)
+env "${parity_env[@]}" $py -m pytest -q -p no:cacheprovider "${parity[@]}" >"$LOGDIR/parity.log" 2>&1 && ok=pass || {
   ok=FAIL; failed="$failed parity"; }
 parity_row="$ok ($(tail -1 "$LOGDIR/parity.log" | sed 's/=//g; s/^ *//; s/ *$//'), $((SECONDS - start)) s)"
 

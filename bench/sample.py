@@ -30,8 +30,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from forward import CONFIGS, random_state_dict  # noqa: E402
 
-import diffjax  # noqa: E402
 from diffjax.core import guidance as G  # noqa: E402
+from diffjax.core import samplers as SM  # noqa: E402
 from diffjax.compat import gd_models  # noqa: E402
 from diffjax.compat import guided_diffusion as gdc  # noqa: E402
 
@@ -64,7 +64,7 @@ def bench_diffjax(unet, unet_sd, clf, clf_sd, gd, x_T, y, guided, repeats):
                 x_T=x_T)
 
     def run():
-        return jax.block_until_ready(diffjax.sample(jax.random.PRNGKey(0), (unet, variables),
+        return jax.block_until_ready(SM.sample(jax.random.PRNGKey(0), (unet, variables),
                                                     gd.schedule, x_T.shape, **args))
 
     compile_s, seconds = _timed(run, repeats)

@@ -61,9 +61,9 @@ def experiment(name, batch, dtype):
     c = ml_collections.ConfigDict()
     c.data = dict(source="fashion_mnist", image_size=size, channels=channels)
     c.model = model
-    c.diffusion = dict(learn_sigma=True, diffusion_steps=1000, noise_schedule="cosine")
-    c.train = dict(task="diffusion", conditioning="class" if classes else "none",
-                   num_classes=classes, batch_size=batch or default_batch, total_steps=10,
+    c.diffusion = dict(beta_schedule="cosine", num_steps=1000, variance="learned_range")
+    c.conditioning = {"class": dict(num_classes=classes)} if classes else {}
+    c.train = dict(task="diffusion", batch_size=batch or default_batch, total_steps=10,
                    ema_rates=(0.9999,), compute_dtype=dtype)
     c.optim = dict(lr=1e-4, weight_decay=0.0)
     return c
