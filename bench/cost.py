@@ -231,9 +231,12 @@ def _gf(flops, batch) -> str:
 
 def cost_line(out: dict) -> str:
     """The script's last line (the module docstring's format) from main's result."""
-    return (f"cost: {out['name']} train GFLOP/image {out['train_gflop_per_image']:.3f} "
-            f"sample-step GFLOP/image {out['sample_gflop_per_image']:.3f} "
-            f"peak GiB/device {out['peak_gib']:.3f}")
+    def number(x):  # nan where the backend gave no count (jax 0.11's GPU lowering gives none)
+        return f"{x:.3f}" if x else "nan"
+
+    return (f"cost: {out['name']} train GFLOP/image {number(out['train_gflop_per_image'])} "
+            f"sample-step GFLOP/image {number(out['sample_gflop_per_image'])} "
+            f"peak GiB/device {number(out['peak_gib'])}")
 
 
 def main(argv=None) -> dict:

@@ -11,6 +11,8 @@ import textwrap
 
 import pytest
 
+from tests._util import REPO
+
 from diffjax import hugepages
 
 _FAULTS = textwrap.dedent("""
@@ -25,7 +27,9 @@ _FAULTS = textwrap.dedent("""
 
 def _env(**extra):
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "DIFFJAX_HUGEPAGES")}
-    return {**env, **extra}
+    # This checkout's diffjax, whichever one an editable install points at.
+    path = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
+    return {**env, "PYTHONPATH": path, **extra}
 
 
 needs_thp = pytest.mark.skipif(not hugepages.supported(),

@@ -63,6 +63,7 @@ def _steps(workdir):
     return sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
 
 
+@pytest.mark.slow  # three training processes, each compiling: ~3 min on 2 cores
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path):
     config = tmp_path / "config.py"
     config.write_text(CONFIG)
