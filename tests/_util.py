@@ -151,3 +151,10 @@ def samplers_quick_first(names) -> list:
     """`names` as pytest params, those outside QUICK_SAMPLERS marked slow."""
     return [name if name in QUICK_SAMPLERS else pytest.param(name, marks=pytest.mark.slow)
             for name in names]
+
+
+def first_quick(items, n: int = 3) -> list:
+    """`items` as pytest params, all after the first `n` marked slow (families over every released
+    preset: the default suite checks a few, `-m slow` all)."""
+    return [item if i < n else pytest.param(item, marks=pytest.mark.slow)
+            for i, item in enumerate(items)]

@@ -51,6 +51,7 @@ def _bound_by_hand(workdir, num, ema_index, seed=0):
                                    jax.random.fold_in(key, i))) for i in range(num)])
 
 
+@pytest.mark.slow  # the exact bound by the CLI and again image by image: ~40 s on 2 cores
 def test_exact_bpd_is_the_bound_of_each_image(workdir, capsys):
     n = 5  # batches of 2: the last one padded; EMA 1 (the second rate), not the default 0
     mean, stderr, line = _reported(capsys, "--bpd", "--checkpoint", workdir, "--num-images", n,

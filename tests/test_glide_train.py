@@ -112,6 +112,7 @@ def test_train_step_sees_tokens_drops_captions_and_shards_any_batch_keys(vocab):
     assert "tokens" in str(lowered.args_info)
 
 
+@pytest.mark.slow  # two compiled train steps of GLIDE models: ~16 s on 2 cores
 def test_inpaint_finetuning_starts_from_the_base_model_with_zero_new_channels(vocab):
     base = GT.create_model(image_size=16, text_ctx=4, n_vocab=300, use_fp16=False, **TINY_FLAGS)
     inpaint = finetune.with_class(base, GT.InpaintText2ImUNet)

@@ -19,6 +19,7 @@ from diffjax.compat.gd_models import (
 from diffjax.models import layers, winograd
 from diffjax.models import GroupNorm32, qkv_attention, resize_bilinear_torch, timestep_embedding
 from tests._util import PRESETS, nchw_to_nhwc, rel_err
+from tests._util import first_quick
 
 PARITY_TOL = 1e-5
 MODEL_FILES = ["unet_cond32", "unet_uncond32", "classifier32"]
@@ -91,7 +92,8 @@ def _conv3x3_float64(x, k):
     return sum(x[:, i:i + h, j:j + w] @ k[i, j].astype(np.float64) for i in range(3) for j in range(3))
 
 
-@pytest.mark.parametrize("shape", [(2, 16, 16, 8), (1, 4, 6, 3), (3, 32, 18, 40)])
+@pytest.mark.parametrize("shape", [(2, 16, 16, 8), pytest.param((1, 4, 6, 3), marks=pytest.mark.slow),
+                                   pytest.param((3, 32, 18, 40), marks=pytest.mark.slow)])
 def test_winograd_conv_matches_float64_convolution(shape):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape).astype(np.float32)
@@ -259,7 +261,7 @@ def _expected_tensors(preset):
     return [(k, tuple(shape)) for k, shape, _ in preset["state_dict"]["tensors"]]
 
 
-@pytest.mark.parametrize("path", _preset_files(), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", first_quick(_preset_files()), ids=lambda p: p.stem)
 def test_preset_state_dict_layout(path):
     """Each released checkpoint's key/shape list, from its constructor kwargs and from its factory."""
     preset = json.loads(path.read_text())

@@ -11,6 +11,7 @@ import pytest
 from diffjax.compat import gd_presets as pretrained
 from diffjax.compat import gd_models
 from tests._util import PRESETS, require
+from tests._util import first_quick
 
 SPECS = sorted(p.stem for p in PRESETS.glob("*.json")) if PRESETS.exists() else []
 
@@ -68,7 +69,7 @@ def test_preset_flags_diffusion_and_class(name):
         assert {k: config.model[k] for k in model_flags} == model_flags
 
 
-@pytest.mark.parametrize("name", SPECS)
+@pytest.mark.parametrize("name", first_quick(SPECS))
 def test_preset_builds_the_exact_state_dict_layout(name):
     spec = _spec(name)
     config = pretrained.get_config(name)

@@ -10,7 +10,13 @@ from tests._util import cache  # noqa: F401  (the fixture: tiny models under the
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-@pytest.mark.parametrize("index", range(len(SNIPPETS)))
+# The snippets that upsample to 256 px run under -m slow (~90 s each on 2 cores, even with tiny
+# networks: 25 steps of 256 x 256 convolutions after the base model's loop).
+PARAMS = [pytest.param(i, marks=pytest.mark.slow) if "upsampler" in snippet else i
+          for i, snippet in enumerate(SNIPPETS)]
+
+
+@pytest.mark.parametrize("index", PARAMS)
 def test_readme_snippet_runs(index, cache, monkeypatch, capsys):
     monkeypatch.setenv("DIFFJAX_HOME", str(cache))
     exec(compile(SNIPPETS[index], f"README.md snippet {index}", "exec"), {"__name__": "__readme__"})

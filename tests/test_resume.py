@@ -103,6 +103,7 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow  # two training processes, each compiling: ~2 min on 2 cores
 def test_sigterm_saves_and_exits_then_resumes(tmp_path):
     config = tmp_path / "config.py"
     config.write_text(CONFIG)

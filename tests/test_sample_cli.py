@@ -134,6 +134,7 @@ def glide(tmp_path_factory):
     )
 
 
+@pytest.mark.slow  # 64 px then 256 px: ~20 s on 2 cores
 def test_glide_text_to_image_then_upsample(glide, tmp_path):
     out = tmp_path / "corgi.npz"
     common = ["--checkpoint", str(glide["base"]), "--prompt", "a corgi painting", "--bpe",

@@ -203,6 +203,7 @@ def test_nonfinite_step_changes_nothing_but_the_counters(class_cond):
     assert (int(again.bad_steps), int(again.skipped)) == (0, 1)
 
 
+@pytest.mark.slow  # a run with a checkpoint then 20 non-finite steps: ~30 s on 2 cores
 def test_run_stops_after_max_bad_steps_and_keeps_the_last_checkpoint(tmp_path):
     """lr 1e30: the first update sends the weights to ~1e30, every later forward pass overflows;
     after max_bad_steps skipped steps the run stops, and the checkpoints hold finite weights."""
@@ -259,6 +260,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a subprocess with 8 devices compiling two steps: ~75 s on 2 cores
 def test_sharded_step_matches_one_device_on_8_cpus():
     """2 steps on 1 device, on 8 devices (data=8) and on 8 devices with fsdp=2: same losses, grad
     norms and parameters to float tolerance (only the order of the batch reductions differs; Adam

@@ -49,6 +49,6 @@ def main(argv=None) -> int:
                               progress=not args.no_progress)
     except Exception as err:  # noqa: BLE001 - the one-line contract of this command
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        raise SystemExit(f"error: {message or type(err).__name__}") from None
+        raise SystemExit(f"error: {str(message) or type(err).__name__}") from None
     print(f"wrote {out} ({preset.model_class}, preset {preset.name})")
     return 0
