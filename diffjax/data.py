@@ -136,6 +136,16 @@ def _find_idx(directory: pathlib.Path, stem: str) -> pathlib.Path | None:
     return None
 
 
+def _read_idx_split(directory: str, prefix: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(images [N, 28, 28, 1], labels [N] int32) of the IDX pair `prefix`-* in `directory`, or
+    None when either file is missing."""
+    images = _find_idx(paths.as_path(directory), f"{prefix}-images-idx3-ubyte")
+    labels = _find_idx(paths.as_path(directory), f"{prefix}-labels-idx1-ubyte")
+    if not (images and labels):
+        return None
+    return read_idx(images)[..., None], read_idx(labels).astype(np.int32)
+
+
 def fashion_mnist(split: str = "train", path: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(images [N, 28, 28, 1] uint8, labels [N] int32) of Fashion-MNIST's "train" or "test" split,
     from IDX files (`path`, then the Debian package) or tfds."""
@@ -143,10 +153,9 @@ def fashion_mnist(split: str = "train", path: str = "") -> tuple[np.ndarray, np.
         raise ValueError(f"Fashion-MNIST split={split!r}: choose 'train' or 'test'")
     prefix = _IDX_PREFIX[split]
     if path:  # a path given is the only place looked at: never silently another copy
-        images = _find_idx(paths.as_path(path), f"{prefix}-images-idx3-ubyte")
-        labels = _find_idx(paths.as_path(path), f"{prefix}-labels-idx1-ubyte")
-        if images and labels:
-            return read_idx(images)[..., None], read_idx(labels).astype(np.int32)
+        found = _read_idx_split(path, prefix)
+        if found is not None:
+            return found
         raise FileNotFoundError(
             f"data.path={path!r} holds no {prefix}-images-idx3-ubyte[.gz] and "
             f"{prefix}-labels-idx1-ubyte[.gz]: point it at the folder of Fashion-MNIST's IDX "
@@ -154,10 +163,9 @@ def fashion_mnist(split: str = "train", path: str = "") -> tuple[np.ndarray, np.
             f"(`apt-get install -y dataset-fashion-mnist`)")
     tried = [os.environ.get("DIFFJAX_FASHION_MNIST", "")] + list(FASHION_MNIST_DIRS)
     for directory in filter(None, tried):
-        images = _find_idx(paths.as_path(directory), f"{prefix}-images-idx3-ubyte")
-        labels = _find_idx(paths.as_path(directory), f"{prefix}-labels-idx1-ubyte")
-        if images and labels:
-            return read_idx(images)[..., None], read_idx(labels).astype(np.int32)
+        found = _read_idx_split(directory, prefix)
+        if found is not None:
+            return found
     try:
         source = _tfds_source("fashion_mnist", split, None)
         images = np.stack([source[i]["image"] for i in range(len(source))])

@@ -49,12 +49,17 @@ def check_finite(where: str, value, *, low=None, high=None, low_open=False, high
         raise ValueError(f"{where}={value!r} must lie in {interval}")
 
 
+def names(cls, exclude: Iterable[str] = ()) -> list[str]:
+    """The init field names of the dataclass `cls` (a settings class, a flax module), without
+    `exclude`."""
+    return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in exclude]
+
+
 def from_dict(cls, values: Mapping[str, Any] | None, where: str | None = None, **overrides):
     """`cls(**values, **overrides)` for a dataclass `cls`, after refusing unknown keys (named, with
     the closest valid one). Lists become tuples, so frozen settings stay hashable."""
     values = dict(values.to_dict() if hasattr(values, "to_dict") else values or {})
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    check_keys(where or cls.__name__, values, names, what=f"{cls.__name__} setting")
+    check_keys(where or cls.__name__, values, names(cls), what=f"{cls.__name__} setting")
     values.update(overrides)
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 

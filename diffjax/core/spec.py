@@ -126,10 +126,9 @@ class DiffusionSpec:
         error naming the closest valid key, and guided-diffusion's flag names the native setting
         that replaces them."""
         given = dict(values.to_dict() if hasattr(values, "to_dict") else values or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        for name in given:
+        for name in set(given) - set(fields.names(cls)):
             flag = difflib.get_close_matches(name, GD_FLAGS, n=1, cutoff=0.75)
-            if name not in known and flag:
+            if flag:
                 raise ValueError(f"unknown DiffusionSpec setting in {where}: {name!r} (did you "
                                  f"mean guided-diffusion's {flag[0]!r}? here it is "
                                  f"{GD_FLAGS[flag[0]]})")

@@ -54,6 +54,11 @@ def _plain(value):
     return value
 
 
+def network_fields(cls) -> list[str]:
+    """The settings of a network class: its init fields but flax's own (parent, name)."""
+    return fields.names(cls, exclude=("parent", "name"))
+
+
 def network_config(module) -> dict:
     """{"class": name, field: value, ...} of a registered Flax module, JSON-ready."""
     name = type(module).__name__
@@ -79,8 +84,7 @@ def build_network(config: Mapping[str, Any], **overrides):
         raise ValueError(f"network class {name!r} is unknown{fields.closest(name, NETWORKS)}: "
                          f"choose from {sorted(NETWORKS)}")
     cls = NETWORKS[name]
-    valid = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
-    fields.check_keys(f"network {name}", config, valid)
+    fields.check_keys(f"network {name}", config, network_fields(cls))
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     if isinstance(kwargs.get("dtype"), str):
         kwargs["dtype"] = jnp.dtype(kwargs["dtype"])

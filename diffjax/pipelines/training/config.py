@@ -34,7 +34,7 @@ from diffjax.core.spec import DiffusionSpec
 from diffjax.core.timegrid import TimeGrid
 from diffjax.io.checkpoints import CheckpointConfig
 from diffjax.models.classifier import EncoderUNetModel
-from diffjax.models.registry import build_network, network_config
+from diffjax.models.registry import build_network, network_config, network_fields
 from diffjax.pipelines.training.optim import OptimConfig
 
 TASKS = ("diffusion", "classifier")
@@ -204,6 +204,11 @@ def _text_settings(section: dict, data: data_lib.DataConfig) -> dict:
     return text
 
 
+def _network_class(task: str, cond: Conditioning):
+    """The network a task trains: the noisy classifier, or the denoiser the conditioning needs."""
+    return EncoderUNetModel if task == "classifier" else cond.denoiser_class()
+
+
 def _network(model_section: dict, task: str, cond: Conditioning, spec: DiffusionSpec,
              data: data_lib.DataConfig, train: TrainConfig) -> dict:
     """The network config of the `model` section and what the other sections decide."""
@@ -221,15 +226,14 @@ def _network(model_section: dict, task: str, cond: Conditioning, spec: Diffusion
         if labels is None or len(cond.kinds) != 1:
             raise ValueError("train.task='classifier' predicts class labels: set conditioning = "
                              "{'class': {'num_classes': N}} (and nothing else)")
-        cls, extra = EncoderUNetModel, dict(out_channels=labels.num_classes)
+        extra = dict(out_channels=labels.num_classes)
     else:
-        cls = cond.denoiser_class()
         extra = dict(out_channels=spec.output_channels(data.channels), **cond.network_fields())
         text = cond.get(Text)
         if text is not None:
             extra["n_vocab"] = tokenizer_lib.load(text.tokenizer).n_vocab
-    valid = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")]
-    fields.check_keys(f"model (a {cls.__name__})", flags, valid)
+    cls = _network_class(task, cond)
+    fields.check_keys(f"model (a {cls.__name__})", flags, network_fields(cls))
     return network_config(cls(**common, **extra, **flags))
 
 
@@ -243,16 +247,15 @@ def config_keys(path: tuple[str, ...], config: ml_collections.ConfigDict) -> lis
     if path == ():
         return list(SECTIONS)
     if path in settings:
-        return [f.name for f in dataclasses.fields(settings[path]) if f.init]
+        return fields.names(settings[path])
     if path == ("conditioning",):
         return list(KINDS)
     if len(path) == 2 and path[0] == "conditioning" and path[1] in KINDS:
-        return [f.name for f in dataclasses.fields(KINDS[path[1]]) if f.init]
+        return fields.names(KINDS[path[1]])
     if path == ("model",):
-        cls = EncoderUNetModel if (config.get("train") or {}).get("task") == "classifier" else \
-            Conditioning.from_config(dict(config.get("conditioning") or {})).denoiser_class()
-        return [f.name for f in dataclasses.fields(cls) if f.init and f.name not in
-                ("parent", "name", *DERIVED_FIELDS)]
+        cls = _network_class((config.get("train") or {}).get("task", "diffusion"),
+                             Conditioning.from_config(dict(config.get("conditioning") or {})))
+        return [name for name in network_fields(cls) if name not in DERIVED_FIELDS]
     return None
 
 
