@@ -16,6 +16,8 @@ base, lsun_bedroom, ...: diffjax.io.convert.preset_config).
   host devices are made). FLOPs per image: XLA's cost analysis of the lowered step (the whole
   batch, as written, before XLA's optimisations; with --remat the recomputed forward pass counts
   too) / batch; the compiled program's count (per device, after optimisation) is shown beside it.
+  XLA:GPU gives no count of a lowered program: there the programs are lowered once more for one
+  CPU device (traced as for the GPU) and counted.
 * One sampling step: the denoiser and a DDIM update, unguided (classifier-free guidance doubles
   the denoiser's batch), the batch split over every device and the parameters replicated as
   diffjax.sample does; a text model's caption is encoded once per request, not in the step.
@@ -289,6 +291,15 @@ def main(argv=None) -> dict:
     train, _, _ = table[variants[0]]
     mesh = parallel.make_mesh(1, devices)
     sample = analyse(functools.partial(lower_sample_step, model, mesh, args.batch, args.dtype))
+    if train[0].flops is None and jax.default_backend() != "cpu":
+        # XLA:GPU counts no lowered program (jax 0.10-0.11): the same programs, traced as for
+        # this backend, lowered (not compiled) for one CPU device.
+        cpu = parallel.make_mesh(1, jax.devices("cpu")[:1])
+        trainer = preset_trainer(model, args.batch, dtype=args.dtype, remat=args.remat)
+        train[0] = dataclasses.replace(train[0], flops=metrics.program_flops(
+            lower_train_step(trainer, cpu, args.batch)))
+        sample = dataclasses.replace(sample, flops=metrics.program_flops(
+            lower_sample_step(model, cpu, args.batch, args.dtype)))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(jax.eval_shape(
         preset_trainer(model, args.batch, dtype=args.dtype).init, jax.random.PRNGKey(0)).params))
 

@@ -72,19 +72,24 @@ def bench_diffjax(unet, unet_sd, clf, clf_sd, gd, x_T, y, guided, repeats):
 
 
 def bench_torch(unet_flags, unet_sd, clf_sd, gd_steps, x_T, y, guided, repeats, threads):
+    """GD's ddim_sample_loop in float32 on the GPU when torch sees one (cuDNN's default TF32
+    convolutions, as XLA's default precision), else on `threads` CPU threads."""
     import torch
     from guided_diffusion import script_util, unet
 
     torch.set_num_threads(threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     model = script_util.create_model(**{**unet_flags, "use_fp16": False}).eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in unet_sd.items()})
+    model.to(device)
     diffusion = script_util.create_gaussian_diffusion(
         steps=1000, learn_sigma=True, noise_schedule="linear", timestep_respacing=f"ddim{gd_steps}")
-    kwargs = {"y": torch.from_numpy(np.array(y))}
+    kwargs = {"y": torch.from_numpy(np.array(y)).to(device)}
     cond_fn = None
     if guided:
         clf = unet.EncoderUNetModel(**CLASSIFIER).eval()
         clf.load_state_dict({k: torch.from_numpy(v) for k, v in clf_sd.items()})
+        clf.to(device)
 
         def cond_fn(x, t, y=None):
             with torch.enable_grad():
@@ -93,16 +98,18 @@ def bench_torch(unet_flags, unet_sd, clf_sd, gd_steps, x_T, y, guided, repeats, 
                 selected = log_probs[range(len(log_probs)), y.view(-1)]
                 return torch.autograd.grad(selected.sum(), x_in)[0]
 
-    noise = torch.from_numpy(np.ascontiguousarray(np.asarray(x_T).transpose(0, 3, 1, 2)))
+    noise = torch.from_numpy(np.ascontiguousarray(np.asarray(x_T).transpose(0, 3, 1, 2))).to(device)
 
     def run():
         with torch.no_grad():
-            return diffusion.ddim_sample_loop(model, tuple(noise.shape), noise=noise,
-                                              model_kwargs=kwargs, cond_fn=cond_fn,
-                                              device="cpu")
+            out = diffusion.ddim_sample_loop(model, tuple(noise.shape), noise=noise,
+                                             model_kwargs=kwargs, cond_fn=cond_fn, device=device)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
 
     _, seconds = _timed(run, repeats)
-    return seconds, run().numpy().transpose(0, 2, 3, 1)
+    return seconds, run().cpu().numpy().transpose(0, 2, 3, 1), device
 
 
 def main(argv=None):
@@ -141,14 +148,16 @@ def main(argv=None):
               f"{args.batch / seconds:.2f} images/s), compile {compile_s:.1f} s")
         if args.reference_src:
             try:
-                ref_s, ref = bench_torch(flags, unet_sd, clf_sd, args.steps, x_T, y, guided,
-                                         args.repeats, args.threads)
+                ref_s, ref, ref_device = bench_torch(flags, unet_sd, clf_sd, args.steps, x_T, y,
+                                                     guided, args.repeats, args.threads)
             except ImportError as err:
                 print(f"  PyTorch reference not run: {err}")
                 continue
             diff = np.max(np.abs(ours - ref)) / np.max(np.abs(ref))
+            where = ref_device if ref_device != "cpu" else f"{args.threads} threads"
             print(f"{name}: PyTorch {ref_s:8.2f} s ({ref_s / args.steps:.3f} s/step, "
-                  f"{args.batch / ref_s:.2f} images/s, {args.threads} threads)\n  ratio diffjax / PyTorch: {seconds / ref_s:.2f}   "
+                  f"{args.batch / ref_s:.2f} images/s, {where})\n"
+                  f"  ratio diffjax / PyTorch: {seconds / ref_s:.2f}   "
                   f"(samples rel. difference {diff:.1e})")
 
 

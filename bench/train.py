@@ -3,7 +3,8 @@ the same machine in the same run): step time, images/s, compile time, peak memor
 device's peak is known (or --peak-tflops) the model FLOP utilisation (MFU) from XLA's cost analysis.
 
     python bench/train.py [--configs default cifar10] [--batch N] [--repeats 5] [--warmup 2]
-        [--dtype float32|bfloat16] [--reference-src PATH/TO/guided-diffusion] [--threads 2]
+        [--dtype float32|bfloat16] [--attention auto] [--reference-src PATH/TO/guided-diffusion]
+        [--threads 2]
 
 Configurations (../shared/design/TARGETS.md):
 * default: the bundled Fashion-MNIST UNet (32 ch, 1 res block, mult 1,2,2, attention at 8x8, 4
@@ -33,13 +34,12 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from diffjax import parallel
 from diffjax.pipelines import training as T
-from diffjax.pipelines.training import metrics
+from diffjax.pipelines.training import loop, metrics
 from diffjax.pipelines.training.state import create_state
 
 CONFIGS = {
@@ -56,11 +56,11 @@ CONFIGS = {
 }
 
 
-def experiment(name, batch, dtype):
+def experiment(name, batch, dtype, attention="einsum"):
     default_batch, size, channels, classes, model = CONFIGS[name]
     c = ml_collections.ConfigDict()
     c.data = dict(source="fashion_mnist", image_size=size, channels=channels)
-    c.model = model
+    c.model = {**model, "attention_impl": attention}
     c.diffusion = dict(beta_schedule="cosine", num_steps=1000, variance="learned_range")
     c.conditioning = {"class": dict(num_classes=classes)} if classes else {}
     c.train = dict(task="diffusion", batch_size=batch or default_batch, total_steps=10,
@@ -105,8 +105,8 @@ def bench_diffjax(config, repeats, warmup):
         jax.block_until_ready(out)
 
     seconds = _median(step, repeats, warmup)
-    # The lowered program's count covers every device's share (the compiled one's, one device's).
-    flops = metrics.program_flops(lowered)
+    # The whole batch's count (every device's share); on a GPU from a CPU lowering of the step.
+    flops = loop.step_flops(trainer, mesh, shardings, state, batch, lowered)
     n_params = sum(x.size for x in jax.tree.leaves(holder[0].params))
     device = jax.devices()[0]
     peak_mem = None
@@ -118,7 +118,6 @@ def bench_diffjax(config, repeats, warmup):
 
 def bench_torch(name, batch, repeats, warmup, threads):
     import torch
-    from guided_diffusion import gaussian_diffusion as gd_lib
     from guided_diffusion import script_util
     from guided_diffusion.resample import UniformSampler
 
@@ -164,6 +163,8 @@ def main(argv=None):
     p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["default", "cifar10"])
     p.add_argument("--batch", type=int, default=None, help="override the per-config global batch")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="float32")
+    p.add_argument("--attention", choices=["einsum", "xla", "cudnn", "auto"], default="einsum",
+                   help="the UNet's attention_impl (auto: cuDNN flash attention on a GPU in bf16)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reference-src", default=None, help="a guided-diffusion checkout")
@@ -178,7 +179,7 @@ def main(argv=None):
           f"device(s); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; median of "
           f"{args.repeats} after {args.warmup} warm-up")
     for name in args.configs:
-        config = experiment(name, args.batch, args.dtype)
+        config = experiment(name, args.batch, args.dtype, args.attention)
         batch = config.train.batch_size
         rss0 = _rss_gib()
         r = bench_diffjax(config, args.repeats, args.warmup)

@@ -164,6 +164,34 @@ def test_the_logged_flops_per_step_do_not_depend_on_how_the_step_is_dispatched()
     assert _step_flops() is None  # a CPU has no datasheet peak: no MFU
 
 
+def test_a_backend_without_a_lowered_count_gets_the_count_of_a_cpu_lowering(monkeypatch):
+    """XLA:GPU answers no cost analysis of a lowered program: the step is then lowered again for
+    one CPU device, which must count what the native lowering counts (here the native backend is
+    a CPU made to look like a GPU whose lowerings report nothing)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # traced as for a GPU: direct convs
+    plain = _step_flops(peak_tflops=100.0)[0]
+    native = metrics.program_flops
+    seen = []
+
+    def gpu_like(stage):  # the first lowering is the GPU's, the second the CPU's
+        seen.append(stage)
+        return native(stage) if len(seen) > 1 else None
+
+    monkeypatch.setattr(metrics, "program_flops", gpu_like)
+    assert _step_flops(peak_tflops=100.0)[0] == plain
+    assert len(seen) == 2  # the native lowering, then the CPU one
+    devices = jax.devices
+
+    def no_cpu(backend=None):  # JAX_PLATFORMS=cuda: the CPU backend is not there
+        if backend == "cpu":
+            raise RuntimeError("Unknown backend cpu")
+        return devices(backend)
+
+    monkeypatch.setattr(jax, "devices", no_cpu)
+    seen.clear()
+    assert _step_flops(peak_tflops=100.0) is None  # no CPU backend: no count, no MFU
+
+
 class _Writer:
     def __init__(self):
         self.rows = []

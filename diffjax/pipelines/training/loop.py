@@ -66,30 +66,56 @@ def model_from_state(experiment: Experiment, state, use: str | None = None) -> D
     return model.using(use) if use is not None else model
 
 
+def step_flops(trainer: Trainer, mesh, state_sh, state, batches, lowered) -> float | None:
+    """FLOPs of one train step over the whole global batch (every device's share), or None.
+
+    The count is XLA's cost analysis of the step as written, before XLA's optimisations.
+    `lowered` (steps_per_dispatch steps on `batches` [S, B, ...], unrolled) is that count S times
+    over. XLA counts a rolled loop's body once, so the microbatch loop would count one chunk: with
+    train.microbatch the count is taken from one step of the same arithmetic on the whole batch at
+    once (one more lowering, no compile). With train.remat the recomputed forward pass is counted
+    too. XLA:GPU gives no cost analysis of a lowered program (jax 0.10-0.11), and its compiled
+    count leaves out cuDNN's convolutions: there the same step (traced as for the GPU: direct
+    convolutions, XLA's attention in place of cuDNN's) is lowered for one CPU device (abstract
+    inputs, nothing compiled or run), which counts the same arithmetic."""
+    tc = trainer.config
+    one_step = tc.num_microbatches == 1 and lowered is not None
+    flops = metrics_lib.program_flops(lowered) if one_step else None
+    if flops:
+        return flops / tc.steps_per_dispatch
+    whole = dataclasses.replace(trainer, config=dataclasses.replace(
+        tc, microbatch=0, steps_per_dispatch=1))
+    one = jax.tree.map(lambda b: jax.ShapeDtypeStruct((1,) + b.shape[1:], b.dtype), batches)
+    if tc.num_microbatches > 1:
+        flops = metrics_lib.program_flops(compile_steps(whole, mesh, state_sh).lower(state, one))
+    if flops or jax.default_backend() == "cpu":
+        return flops
+    try:
+        cpu = parallel.make_mesh(1, jax.devices("cpu")[:1])
+    except RuntimeError:  # JAX_PLATFORMS leaves the CPU backend out
+        return None
+    if getattr(whole.module, "attention_impl", "einsum") in ("cudnn", "auto"):
+        # cuDNN's attention has no CPU lowering; XLA's does the same matrix products.
+        whole = dataclasses.replace(whole, module=whole.module.clone(attention_impl="xla"))
+    abstract, cpu_sh = state_shardings(whole.init, cpu, jax.random.PRNGKey(0))
+    on_cpu = lambda tree, sh: jax.tree.map(  # noqa: E731
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sh)
+    one_sh = jax.tree.map(lambda _: parallel.batch_sharding(cpu, 1), one)
+    return metrics_lib.program_flops(compile_steps(whole, cpu, cpu_sh).lower(
+        on_cpu(abstract, cpu_sh), on_cpu(one, one_sh)))
+
+
 def flop_accounting(trainer: Trainer, mesh, state_sh, state, batches,
                     lowered) -> tuple[float, float] | None:
-    """(FLOPs of one step, the peak FLOP/s of one device) for the logged MFU, or None when the
-    peak (train.peak_tflops, else the device's datasheet value) or the count is unknown.
-
-    The count is XLA's cost analysis of the step as written, before XLA's optimisations, over the
-    whole global batch (every device's share). `lowered` (steps_per_dispatch steps on `batches`
-    [S, B, ...], unrolled) is that count S times over. XLA counts a rolled loop's body once, so the
-    microbatch loop would count one chunk: with train.microbatch the count is taken from one step
-    of the same arithmetic on the whole batch at once (one more lowering, no compile). With
-    train.remat the recomputed forward pass is counted too."""
+    """(FLOPs of one step (`step_flops`), the peak FLOP/s of one device) for the logged MFU, or
+    None when the peak (train.peak_tflops, else the device's datasheet value) or the count is
+    unknown."""
     tc = trainer.config
     peak = tc.peak_tflops * 1e12 or metrics_lib.peak_flops(mesh.devices.flat[0].device_kind,
                                                             tc.resolved_dtype())
     if not peak or lowered is None:
         return None
-    if tc.num_microbatches == 1:
-        flops = metrics_lib.program_flops(lowered)
-        flops = flops and flops / tc.steps_per_dispatch
-    else:
-        whole = dataclasses.replace(trainer, config=dataclasses.replace(
-            tc, microbatch=0, steps_per_dispatch=1))
-        one = jax.tree.map(lambda b: jax.ShapeDtypeStruct((1,) + b.shape[1:], b.dtype), batches)
-        flops = metrics_lib.program_flops(compile_steps(whole, mesh, state_sh).lower(state, one))
+    flops = step_flops(trainer, mesh, state_sh, state, batches, lowered)
     return (flops, peak) if flops else None
 
 
