@@ -20,7 +20,7 @@ same network), and the ratio diffjax / PyTorch is printed (target on CPU: <= 0.8
 """
 from __future__ import annotations
 
-from diffjax import hugepages
+from diffjax import cpu_flags, hugepages
 
 if __name__ == "__main__":
     hugepages.reexec()  # first: glibc reads its malloc tunables only when a process starts
@@ -126,7 +126,11 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None,
                    help="threads for both sides (default: all cores). 1 makes XLA single-threaded "
                         "too, the fairest comparison on a machine shared with other jobs")
+    p.add_argument("--xla-cpu-flags", choices=sorted(cpu_flags.FLAG_SETS),
+                   default=cpu_flags.DEFAULT,
+                   help="XLA:CPU flag set (diffjax.cpu_flags), chosen before JAX starts")
     args = p.parse_args(argv)
+    cpu_flags.use(args.xla_cpu_flags)
     if args.threads == 1:  # read when the CPU backend starts, i.e. at the first jax.devices()
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
                                    "false intra_op_parallelism_threads=1").strip()
@@ -137,7 +141,7 @@ def main(argv=None):
     if args.reference_src:
         sys.path.insert(0, os.path.abspath(args.reference_src))
     dev = jax.devices()[0]
-    print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}); {os.cpu_count()} CPUs, "
+    print(f"jax {jax.__version__} (XLA:CPU flags {args.xla_cpu_flags}) on {dev.platform} ({dev.device_kind}); {os.cpu_count()} CPUs, "
           f"{threads} thread(s); "
           f"load average {os.getloadavg()[0]:.2f}; median of {args.repeats} after {args.warmup} warm-up")
     rng = np.random.default_rng(0)

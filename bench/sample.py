@@ -12,7 +12,7 @@ ratio diffjax / PyTorch is printed per workload (target on CPU: <= 0.5).
 """
 from __future__ import annotations
 
-from diffjax import hugepages
+from diffjax import cpu_flags, hugepages
 
 if __name__ == "__main__":
     hugepages.reexec()  # first: glibc reads its malloc tunables only when a process starts
@@ -41,10 +41,11 @@ CLASSIFIER = dict(image_size=32, in_channels=3, model_channels=128, out_channels
                   pool="attention")
 
 
-def _timed(fn, repeats):
+def _timed(fn, repeats, name=""):
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
+    print(f"  {name} first call (compile + run): {first:.1f} s", flush=True)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -67,7 +68,7 @@ def bench_diffjax(unet, unet_sd, clf, clf_sd, gd, x_T, y, guided, repeats):
         return jax.block_until_ready(SM.sample(jax.random.PRNGKey(0), (unet, variables),
                                                     gd.schedule, x_T.shape, **args))
 
-    compile_s, seconds = _timed(run, repeats)
+    compile_s, seconds = _timed(run, repeats, "diffjax")
     return compile_s, seconds, np.asarray(run())
 
 
@@ -108,7 +109,7 @@ def bench_torch(unet_flags, unet_sd, clf_sd, gd_steps, x_T, y, guided, repeats, 
             torch.cuda.synchronize()
         return out
 
-    _, seconds = _timed(run, repeats)
+    _, seconds = _timed(run, repeats, "PyTorch")
     return seconds, run().cpu().numpy().transpose(0, 2, 3, 1), device
 
 
@@ -120,7 +121,11 @@ def main(argv=None):
     p.add_argument("--no-guidance", action="store_true", help="only the unguided loop")
     p.add_argument("--reference-src", default=None, help="a guided-diffusion checkout")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    p.add_argument("--xla-cpu-flags", choices=sorted(cpu_flags.FLAG_SETS),
+                   default=cpu_flags.DEFAULT,
+                   help="XLA:CPU flag set (diffjax.cpu_flags), chosen before JAX starts")
     args = p.parse_args(argv)
+    cpu_flags.use(args.xla_cpu_flags)
     if args.reference_src:
         sys.path.insert(0, os.path.abspath(args.reference_src))
 
@@ -137,7 +142,7 @@ def main(argv=None):
     y = jnp.asarray(rng.integers(0, 10, args.batch))
 
     dev = jax.devices()[0]
-    print(f"jax {jax.__version__} on {dev.platform}; {os.cpu_count()} CPUs; load average "
+    print(f"jax {jax.__version__} (XLA:CPU flags {args.xla_cpu_flags}) on {dev.platform}; {os.cpu_count()} CPUs; load average "
           f"{os.getloadavg()[0]:.2f}; {args.steps}-step DDIM, batch {args.batch}, CIFAR-10 "
           f"ADM-like UNet; median of {args.repeats} after a first (compiling) call")
     for guided in ([False] if args.no_guidance else [False, True]):

@@ -21,7 +21,7 @@ on the batch, optimizer step, EMA update). Ratio target on CPU: diffjax <= 0.8x 
 """
 from __future__ import annotations
 
-from diffjax import hugepages
+from diffjax import cpu_flags, hugepages
 
 if __name__ == "__main__":
     hugepages.reexec()  # first: glibc reads its malloc tunables only when a process starts
@@ -171,11 +171,15 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="peak TFLOP/s per device for the MFU (default: the device's datasheet)")
+    p.add_argument("--xla-cpu-flags", choices=sorted(cpu_flags.FLAG_SETS),
+                   default=cpu_flags.DEFAULT,
+                   help="XLA:CPU flag set (diffjax.cpu_flags), chosen before JAX starts")
     args = p.parse_args(argv)
+    cpu_flags.use(args.xla_cpu_flags)
     if args.reference_src:
         sys.path.insert(0, os.path.abspath(args.reference_src))
     dev = jax.devices()[0]
-    print(f"jax {jax.__version__} on {dev.platform} ({dev.device_kind}), {jax.device_count()} "
+    print(f"jax {jax.__version__} (XLA:CPU flags {args.xla_cpu_flags}) on {dev.platform} ({dev.device_kind}), {jax.device_count()} "
           f"device(s); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; median of "
           f"{args.repeats} after {args.warmup} warm-up")
     for name in args.configs:
