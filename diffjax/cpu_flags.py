@@ -2,7 +2,8 @@
 
 XLA reads XLA_FLAGS once, when its CPU backend starts (the first JAX computation or device query),
 so a flag set must be chosen before that: the command line does it from `--xla_cpu_flags` (default
-"onednn"), a notebook or script calls `diffjax.cpu_flags.use("onednn")` first.
+"onednn" for sampling and evaluation, "xla" for training), a notebook or script calls
+`diffjax.cpu_flags.use("onednn")` first.
 
 * "onednn": convolutions and matrix products as oneDNN custom calls (not oneDNN's graph rewriter),
   and neither XNNPACK nor YNN fusions (their convolution paths were slower for these UNets).
@@ -20,10 +21,17 @@ FLAG_SETS = {
                "--xla_cpu_experimental_ynn_fusion_type=", "--xla_cpu_use_xnnpack=false"),
     "xla": (),
 }
-DEFAULT = "onednn"
+DEFAULT = "onednn"  # sampling and evaluation: network forward passes
+TRAINING_DEFAULT = "xla"  # training: the onednn set made the CIFAR-10 train step slower
 
 
-def _started() -> bool:
+def default(training: bool = False) -> str:
+    """The flag set the command line uses when none is named."""
+    return TRAINING_DEFAULT if training else DEFAULT
+
+
+def started() -> bool:
+    """Whether JAX's backends have started (and read XLA_FLAGS)."""
     try:  # jax does not export this; without it the caller's word is taken
         from jax._src import xla_bridge
         return xla_bridge.backends_are_initialized()
@@ -40,7 +48,7 @@ def use(name: str = DEFAULT) -> None:
     flags = FLAG_SETS[name]
     if not flags:
         return
-    if _started():
+    if started():
         raise RuntimeError(f"xla_cpu_flags={name!r} comes too late: JAX has already started its "
                            f"backends and read XLA_FLAGS. Choose the flags first (before any JAX "
                            f"computation), or restart the process / notebook kernel")

@@ -20,6 +20,7 @@ from diffjax.cli import check, common, convert, evaluate, feature_classifier, pr
 from diffjax.cli import train
 from diffjax.core.fields import closest
 
+TRAINING_COMMANDS = ("train", "feature-classifier")  # their XLA:CPU flag default differs
 COMMANDS = {"train": train, "sample": sample, "evaluate": evaluate, "convert": convert,
             "pretrained": pretrained, "feature-classifier": feature_classifier, "check": check}
 
@@ -37,4 +38,7 @@ def main(argv=None) -> int:
     if "--hugepages" in rest:
         hugepages.reexec()  # glibc reads its malloc tunables only when a process starts
     logging.set_verbosity(logging.ERROR)  # orbax logs every save and read-only open
-    return common.run(COMMANDS[command].main, rest)
+    training = command in TRAINING_COMMANDS
+    status = common.run(lambda argv: common.process_options(argv, training), rest)  # before JAX
+
+    return status or common.run(COMMANDS[command].main, rest)

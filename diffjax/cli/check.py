@@ -7,13 +7,13 @@ K images cannot beat; the gap is what the finite chain and the fixed variances c
 """
 from __future__ import annotations
 
-import argparse
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffjax.cli import common
 from diffjax.core import diffusion as D
 from diffjax.core import schedules as S
 
@@ -37,8 +37,7 @@ def posterior_mean_denoiser(sched: S.Schedule, data: jnp.ndarray):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m diffjax check",
-                                     description=__doc__.split("\n\n")[0])
+    parser = common.parser("check", __doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=16, help="K, the number of data images")
     parser.add_argument("--size", type=int, default=8, help="images are size x size x 1")
     parser.add_argument("--seed", type=int, default=0)

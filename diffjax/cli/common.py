@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import ml_collections
 
+from diffjax import cpu_flags
 from diffjax.core import fields
 from diffjax.io.torch_pt import CheckpointError
 
@@ -26,9 +27,31 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
     """Defaults in the help, descriptions kept as written."""
 
 
-def parser(prog: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"python -m diffjax {prog}", description=description,
-                                   formatter_class=Formatter)
+def parser(prog: str, description: str, training: bool = False) -> argparse.ArgumentParser:
+    """A command's parser, with the process-level options every command shares (applied by
+    diffjax.cli.main before the command runs: see `process_options`); `training`: the command
+    trains (its CPU flag default differs)."""
+    p = argparse.ArgumentParser(prog=f"python -m diffjax {prog}", description=description,
+                                formatter_class=Formatter)
+    flag(p, "xla_cpu_flags", choices=sorted(cpu_flags.FLAG_SETS),
+         default=cpu_flags.default(training),
+         help="XLA:CPU flag set of this process (diffjax.cpu_flags): onednn = convolutions and "
+              "matrix products through oneDNN (faster here on CPU); xla = XLA's defaults")
+    return p
+
+
+def process_options(argv: list[str], training: bool = False) -> None:
+    """Apply the process-level options of a command line before anything starts JAX: the XLA:CPU
+    flag set (`--xla_cpu_flags NAME`, default cpu_flags.default(training)). A command run
+    in-process after JAX has started (from Python) keeps the running flags unless it names a set,
+    which is then an error (cpu_flags.use says why)."""
+    name = None
+    for i, arg in enumerate(argv):
+        option, eq, value = arg.partition("=")
+        if option in ("--xla_cpu_flags", "--xla-cpu-flags"):
+            name = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    if name is not None or not cpu_flags.started():
+        cpu_flags.use(cpu_flags.default(training) if name is None else name)
 
 
 def flag(group, name: str, **kwargs):

@@ -11,7 +11,7 @@ from diffjax.pipelines.evaluation.classifier import train_classifier
 
 
 def build_parser():
-    p = common.parser("feature-classifier", __doc__.split("\n\n")[0])
+    p = common.parser("feature-classifier", __doc__.split("\n\n")[0], training=True)
     common.flag(p, "config", required=True,
                 help="path.py[:arg], e.g. configs/feature_classifier_fashion_mnist.py")
     common.flag(p, "workdir", required=True, help="where the classifier is saved")

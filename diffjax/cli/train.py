@@ -15,7 +15,7 @@ DEFAULT_CONFIG = pathlib.Path(__file__).resolve().parents[2] / "configs" / "defa
 
 
 def build_parser():
-    p = common.parser("train", __doc__.split("\n\n")[0])
+    p = common.parser("train", __doc__.split("\n\n")[0], training=True)
     common.flag(p, "config", default=str(DEFAULT_CONFIG),
                 help="experiment config, path.py[:arg] (configs/*.py); override any field with "
                 "--config.section.field=value")
