@@ -1,7 +1,7 @@
 """The package's layers import downwards only: the import graph of diffjax/, read with `ast`.
 
     core            (diffusion maths: nothing else of diffjax)
-    utilities       paths, images, tokenizer, hugepages
+    utilities       paths, images, tokenizer, hugepages, cpu_flags
     models
     conditioning    (the one place that knows the kinds of conditioning)
     bundle          (DiffusionModel)
@@ -23,7 +23,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "diffjax"
 
 LAYERS = [
     ("core", ["diffjax.core"]),
-    ("utilities", ["diffjax.paths", "diffjax.images", "diffjax.tokenizer", "diffjax.hugepages"]),
+    ("utilities", ["diffjax.paths", "diffjax.images", "diffjax.tokenizer", "diffjax.hugepages",
+                   "diffjax.cpu_flags"]),
     ("models", ["diffjax.models"]),
     ("conditioning", ["diffjax.conditioning"]),
     ("bundle", ["diffjax.bundle"]),
