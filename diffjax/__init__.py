@@ -10,7 +10,9 @@ samplers, guidance) is pure functions over explicit arrays and keys; models are 
 modules (`diffjax.models`); a `DiffusionModel` bundles a network, its weights, its spec and its
 conditioning, and is what is saved, loaded, trained, converted and sampled.
 `diffjax.compat.guided_diffusion` speaks openai/guided-diffusion's vocabulary on top of that core.
+On CPU, `diffjax.cpu_flags.use("onednn")` first thing makes sampling faster (see cpu_flags).
 """
+from diffjax import cpu_flags  # diffjax.cpu_flags.use(...) before the first JAX computation
 from diffjax.bundle import DiffusionModel
 from diffjax.conditioning import Conditioning
 from diffjax.core.spec import DiffusionSpec
@@ -23,4 +25,4 @@ from diffjax.pipelines.sampling import sample
 __version__ = "0.2.0"
 
 __all__ = ["DiffusionModel", "Conditioning", "DiffusionSpec", "TimeGrid", "load", "save", "sample",
-           "show", "__version__"]
+           "show", "cpu_flags", "__version__"]
