@@ -79,3 +79,27 @@ def test_feature_classifier_config_builds():
     variables = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0),
                                                    np.zeros((1, 32, 32, 1), np.float32)))
     assert variables["params"]
+
+
+def test_a_model_trained_without_label_dropout_samples_with_its_saved_defaults():
+    """The end-of-run grid of guided-diffusion's recipe (class-conditional, no label dropout)
+    failed: eval.guidance_scale (default 1.0) was saved as the bundle's sampling default, and
+    sample() then asked the model for an unconditional branch it does not have. Such a run now
+    saves no scale, an older bundle's saved scale is ignored, and an explicit one is refused."""
+    import diffjax
+    from diffjax.pipelines.training.config import experiment_from_config
+    from tests._util import TINY, tiny_bundle
+    from tests.test_train import tiny_config
+
+    plain = experiment_from_config(tiny_config(conditioning="class", label_dropout=0.0))
+    assert "guidance_scale" not in plain.description()["sampling"]
+    dropout = experiment_from_config(tiny_config(conditioning="classifier_free",
+                                                 label_dropout=0.1))
+    assert dropout.description()["sampling"]["guidance_scale"] == 1.0
+
+    old = tiny_bundle("UNetModel", conditioning=[ClassLabel(3)], size=8, out_channels=6,
+                      num_classes=3, sampling={"guidance_scale": 1.0, "grid": "2"}, **TINY)
+    images = diffjax.sample(old, jax.random.PRNGKey(0), 2, labels=[0, 2])
+    assert images.shape == (2, 8, 8, 3)
+    with pytest.raises(ValueError, match="trained without conditioning dropout"):
+        diffjax.sample(old, jax.random.PRNGKey(0), 2, labels=[0, 2], guidance_scale=2.0)

@@ -180,8 +180,11 @@ def sample(
         request["prompts"] = [request["prompts"]]
     n = _num_samples(num_samples, {k: v for k, v in request.items() if k != "tokenizer"})
     defaults = model.sampling
+    # A saved default scale applies only where it can: a model trained without conditioning
+    # dropout has no unconditional branch (an explicit scale is still refused, by null_kwargs).
+    default_scale = defaults.get("guidance_scale") if model.conditioning.droppable else None
     scale = _check_scale("guidance_scale", guidance_scale if guidance_scale is not None
-                         else defaults.get("guidance_scale"))
+                         else default_scale)
     clf_scale = _check_scale("classifier_scale", classifier_scale if classifier_scale is not None
                              else defaults.get("classifier_scale", 1.0))
     eta = _check_scale("eta", eta)

@@ -169,7 +169,8 @@ class Experiment:
             else "params",
             kind="classifier" if self.train.task == "classifier" else "diffusion",
             sampling={"grid": self.eval.respacing or None, "sampler": self.eval.sampler,
-                      "guidance_scale": self.eval.guidance_scale}
+                      "guidance_scale": self.eval.guidance_scale
+                      if self.conditioning.droppable else None}
             if self.train.task == "diffusion" else {},
             provenance={"trained_with": "diffjax.train"}, extra={"data": dataclasses.asdict(self.data)})
         description = model.description()
