@@ -61,7 +61,7 @@ from diffjax.core import guidance as G
 from diffjax.core import samplers as SM
 from diffjax.io import convert
 from diffjax.models.registry import build_network
-from diffjax.pipelines.training import metrics
+from diffjax.pipelines.training import loop, metrics
 from diffjax.pipelines.training.config import experiment_from_config
 from diffjax.pipelines.training.state import state_shardings
 from diffjax.pipelines.training.step import Trainer, build_trainer, compile_steps
@@ -293,11 +293,13 @@ def main(argv=None) -> dict:
     sample = analyse(functools.partial(lower_sample_step, model, mesh, args.batch, args.dtype))
     if train[0].flops is None and jax.default_backend() != "cpu":
         # XLA:GPU counts no lowered program (jax 0.10-0.11): the same programs, traced as for
-        # this backend, lowered (not compiled) for one CPU device.
-        cpu = parallel.make_mesh(1, jax.devices("cpu")[:1])
+        # this backend, lowered (not compiled) for one CPU device (the trainer's own count,
+        # loop.step_flops, for the train step).
         trainer = preset_trainer(model, args.batch, dtype=args.dtype, remat=args.remat)
-        train[0] = dataclasses.replace(train[0], flops=metrics.program_flops(
-            lower_train_step(trainer, cpu, args.batch)))
+        state, shardings, batches = train_inputs(trainer, mesh, args.batch)
+        train[0] = dataclasses.replace(train[0], flops=loop.step_flops(
+            trainer, mesh, shardings, state, batches, lowered=None))
+        cpu = parallel.make_mesh(1, jax.devices("cpu")[:1])
         sample = dataclasses.replace(sample, flops=metrics.program_flops(
             lower_sample_step(model, cpu, args.batch, args.dtype)))
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(jax.eval_shape(
