@@ -40,5 +40,4 @@ def main(argv=None) -> int:
     logging.set_verbosity(logging.ERROR)  # orbax logs every save and read-only open
     training = command in TRAINING_COMMANDS
     status = common.run(lambda argv: common.process_options(argv, training), rest)  # before JAX
-
     return status or common.run(COMMANDS[command].main, rest)

@@ -45,11 +45,11 @@ def process_options(argv: list[str], training: bool = False) -> None:
     flag set (`--xla_cpu_flags NAME`, default cpu_flags.default(training)). A command run
     in-process after JAX has started (from Python) keeps the running flags unless it names a set,
     which is then an error (cpu_flags.use says why)."""
-    name = None
-    for i, arg in enumerate(argv):
-        option, eq, value = arg.partition("=")
-        if option in ("--xla_cpu_flags", "--xla-cpu-flags"):
-            name = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+    # Read as the command's own parser reads it (aliases, abbreviations, `=`); the set's name
+    # is checked by cpu_flags.use, so that a bad one raises there.
+    options = argparse.ArgumentParser(prog="python -m diffjax", add_help=False)
+    flag(options, "xla_cpu_flags", default=None)
+    name = options.parse_known_args(argv)[0].xla_cpu_flags
     if name is not None or not cpu_flags.started():
         cpu_flags.use(cpu_flags.default(training) if name is None else name)
 
