@@ -66,6 +66,19 @@ TINY = dict(model_channels=32, num_res_blocks=1, channel_mult=(1, 1), attention_
             num_heads=1)
 
 
+def write_class_images(folder, count: int, classes: int) -> pathlib.Path:
+    """`count` random 8x8 RGB PNGs in `folder`, image i of class i mod `classes` by
+    guided-diffusion's file-name prefix convention (c{class}_{i}.png). -> folder"""
+    from PIL import Image
+
+    folder = pathlib.Path(folder)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(
+            folder / f"c{i % classes}_{i}.png")
+    return folder
+
+
 def random_weights(network: dict, seed: int):
     """Random weights for a network config, drawn on the host from the parameter shapes (no init
     to compile: that took most of a minute per model on a busy 2-core machine): normals of std

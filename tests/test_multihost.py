@@ -26,10 +26,9 @@ import time
 import jax
 import numpy as np
 import pytest
-from PIL import Image
 
 from diffjax.io.checkpoints import CheckpointManager
-from tests._util import REPO
+from tests._util import REPO, write_class_images
 
 LOCAL_SH = REPO / "launch" / "local.sh"
 HEARTBEAT_S = 10  # the dead-peer timeout these tests run with (the default is 60 s)
@@ -76,12 +75,7 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """64 random 8x8 RGB images of 4 classes (GD's file-name prefix convention)."""
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(64):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
-            folder / f"c{i % 4}_{i}.png")
-    return folder
+    return write_class_images(tmp_path_factory.mktemp("images"), 64, 4)
 
 
 def _write_config(path, images, every=4, extra=""):

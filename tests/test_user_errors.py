@@ -24,7 +24,7 @@ from diffjax.conditioning import ClassLabel, Conditioning
 from diffjax.io.checkpoints import CheckpointConfig, CheckpointManager
 from diffjax.models.registry import NETWORKS, network_config
 from diffjax.pipelines.training.config import config_keys, experiment_from_config
-from tests._util import REPO
+from tests._util import REPO, write_class_images
 
 
 def _subprocess(*argv, cwd):
@@ -117,11 +117,7 @@ def _config(path, images, **sections):
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """8 images of 2 classes (guided-diffusion's class-from-filename convention)."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (8, 8, 3), np.uint8)).save(root / f"c{i % 2}_{i}.png")
-    return root
+    return write_class_images(tmp_path_factory.mktemp("images"), 8, 2)
 
 
 @pytest.mark.parametrize("overrides,named", [
