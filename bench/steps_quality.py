@@ -65,6 +65,10 @@ GRID_NFE = 10  # the budget whose samples the grid shows by default
 DEFAULT_GRIDS = {"ddpm": "uniform", "ddim": "ddim", "dpm++2m": "logsnr", "dpm++3m": "logsnr",
                  "dpm++2s": "logsnr", "unipc": "logsnr", "ipndm": "karras", "heun": "karras"}
 GRID_KINDS = ("ddim", "uniform", "quadratic", "logsnr", "karras")
+# The settings two runs' cells must share to sit in one table (--resume, --merge); batch_size
+# too: each batch's noise is drawn from the seed folded with its index.
+SAME_RUN = ("samples", "model", "classifier", "reference_images", "guidance_scale", "seed",
+            "batch_size", "grids", "clip_denoised", "ddim_eta")
 
 
 def time_grid(kind: str, steps: int, spec: diffjax.DiffusionSpec) -> TimeGrid:
@@ -374,6 +378,9 @@ def build_parser():
     flag("plot", default=None, help="PNG of distance against NFE")
     flag("grid", default=None, help="PNG of each solver's samples at --grid_nfe")
     flag("resume", action="store_true", help="keep the cells already in --out (same settings)")
+    flag("merge", nargs="+", default=None, metavar="JSON",
+         help="no sampling: join the cells of runs split by --solvers (the same settings, e.g. "
+              "one process per solver on one accelerator) into --out, with the table and plot")
     return p
 
 
@@ -391,6 +398,11 @@ def main(argv=None) -> int:
     padded = -(-args.samples // args.batch_size) * args.batch_size  # whole batches
     labels = None if classes is None else np.arange(padded, dtype=np.int32) % classes
     key = jax.random.PRNGKey(args.seed)
+    if args.merge:
+        cells = merge(args)
+        if args.grid and cells:
+            write_grid(model, cells, key, classes, args.grid, args.grid_per_class)
+        return 0
     scorer = Scorer(args.classifier, args.ref, batch_size=min(args.samples, 500))
     data = scorer.classifier.data
     if (data.image_size, data.image_size, data.channels) != tuple(model.image_shape):
@@ -407,7 +419,8 @@ def main(argv=None) -> int:
                 "nfe": "network evaluations counted per cell (settings.cells.*.nfe <= the "
                        "budget); a classifier-free-guided evaluation, one call on [x; x], is one",
                 "seconds_per_image": "steady-state wall time per image on this machine",
-                "machine": f"jax {jax.__version__} {jax.default_backend()}, {os.cpu_count()} CPUs"}
+                "machine": f"jax {jax.__version__} {jax.default_backend()} "
+                           f"({jax.devices()[0].device_kind}), {os.cpu_count()} CPUs"}
     if args.ref is None:  # the test split: training images are other real images
         real = scorer.floor(args.samples, args.seed)
         settings.update({f"{k}_real_train_images": real[k]
@@ -457,10 +470,7 @@ def run_table(args, model, settings, measure, how: dict) -> list:
     out = pathlib.Path(args.out)
     if args.resume and out.exists():
         old = json.loads(out.read_text())["settings"]
-        # batch_size too: each batch's noise is drawn from the seed folded with its index
-        keep = ("samples", "model", "classifier", "reference_images", "guidance_scale", "seed",
-                "batch_size", "grids", "clip_denoised", "ddim_eta")
-        if all(old.get(k) == settings[k] for k in keep):
+        if all(old.get(k) == settings[k] for k in SAME_RUN):
             cells = {s: {int(n): c for n, c in row.items()} for s, row in old["cells"].items()}
             reference = old.get("reference_cell")
             _log(f"resuming: {sum(map(len, cells.values()))} cells from {out}")
@@ -494,14 +504,51 @@ def run_table(args, model, settings, measure, how: dict) -> list:
                              for s, row in cells.items()}
         settings["reference_cell"] = reference
         _write_json(out, layout(reference["fd"], table(cells), settings))
-    print(markdown(cells, reference["fd"], args.samples))
+    return finish(args, cells, reference, solvers, how)
+
+
+def finish(args, cells: dict, reference: dict, solvers: list, how: dict) -> list:
+    """Prints the markdown table and draws the plot of the measured `cells`; returns the cells
+    the grid shows: each solver's at --grid_nfe, then DDIM-50 to compare against."""
+    samples = args.samples
+    print(markdown(cells, reference["fd"], samples))
     if args.plot:
         plot({s: row for s, row in table(cells).items() if s in solvers}, reference["fd"],
-             args.plot, f"Frechet distance (classifier features, {args.samples} samples) vs NFE")
-    # the grid's last row: DDIM-50, to compare against
+             args.plot, f"Frechet distance (classifier features, {samples} samples) vs NFE")
     return [Cell(s, r["grid_kind"], r["steps"], r["nfe"], **how) for s in solvers
             if (r := cells.get(s, {}).get(args.grid_nfe)) is not None] + \
         [Cell(REFERENCE[0], reference["grid_kind"], reference["steps"], reference["nfe"], **how)]
+
+
+def merge(args) -> list:
+    """--merge: the cells of several runs of the same settings (split by --solvers) joined into
+    one --out, in --solvers order; a cell measured twice keeps the first file's. Returns the
+    grid's cells, as run_table does, sampled as the runs sampled (scale, clipping, eta)."""
+    runs = [json.loads(pathlib.Path(path).read_text())["settings"] for path in args.merge]
+    first = runs[0]
+    how = {"scale": first["guidance_scale"], "clip": first["clip_denoised"],
+           "eta": first["ddim_eta"]}
+    for path, run in zip(args.merge[1:], runs[1:]):
+        differ = [k for k in SAME_RUN if run.get(k) != first.get(k)]
+        if differ:
+            raise ValueError(f"--merge: {path} was run with other settings than "
+                             f"{args.merge[0]} ({', '.join(differ)}): only runs of one table "
+                             f"can be joined")
+    found = {}
+    for run in runs:
+        for solver, row in run.get("cells", {}).items():
+            for budget, record in row.items():
+                found.setdefault(solver, {}).setdefault(int(budget), record)
+    solvers = [s.strip() for s in args.solvers.split(",") if s.strip()]
+    order = solvers + [BASELINE] + sorted(set(found) - set(solvers) - {BASELINE})
+    cells = {s: dict(sorted(found[s].items())) for s in order if s in found}
+    reference = next(r["reference_cell"] for r in runs if r.get("reference_cell"))
+    settings = {**first, "cells": {s: {str(n): c for n, c in row.items()}
+                                   for s, row in cells.items()},
+                "reference_cell": reference, "merged_from": len(runs)}
+    _write_json(args.out, layout(reference["fd"], table(cells), settings))
+    args.samples = first["samples"]
+    return finish(args, cells, reference, solvers, how)
 
 
 def _write_json(path, value) -> None:

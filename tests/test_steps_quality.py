@@ -153,6 +153,61 @@ def test_resume_keeps_cells_only_under_the_same_settings(closed_form_counter, tm
     assert "| ddim | 7.00" in capsys.readouterr().out  # the markdown table of the last run
 
 
+def test_merge_joins_runs_split_by_solver_and_refuses_other_settings(closed_form_counter,
+                                                                    tmp_path):
+    """One process per solver (as on an accelerator), then --merge: the union of their cells,
+    in --solvers order, each run's own measurement; runs of other settings are not joined."""
+    model = types.SimpleNamespace(spec=SHORT, image_shape=(SIZE, SIZE, 1))
+    how = {"scale": None, "clip": True, "eta": 0.0}
+
+    def measure_by(offset):
+        def measure(cell):
+            return {"fd": offset + cell.steps, "steps": cell.steps, "nfe": cell.nfe,
+                    "grid": cell.describe(), "grid_kind": cell.kind, "seconds_per_image": 0.1}
+        return measure
+
+    parts = []
+    for i, solver in enumerate(["dpm++2s", "ddim"]):  # each run measures DDIM-50 too
+        parts.append(tmp_path / f"{solver}.json")
+        SQ.run_table(_args(parts[-1], solvers=solver, nfe="5,8", resume=False), model,
+                     _settings(), measure_by(100.0 * (i + 1)), how)
+    out = tmp_path / "merged.json"
+    cells = SQ.merge(_args(out, merge=[str(p) for p in parts], solvers="ddim,dpm++2s"))
+    merged = json.loads(out.read_text())
+    # DDIM-50 from the first file; each solver's cells from its own run (offsets 100 and 200)
+    assert merged["reference"] == {"ddim": {"50": 150.0}}
+    assert list(merged)[1:3] == ["ddim", "dpm++2s"]
+    assert merged["ddim"] == {"5": 205.0, "8": 208.0}
+    assert merged["dpm++2s"] == {"5": 103.0, "8": 104.0}  # 2S fits 3 and 4 steps
+    assert merged["settings"]["merged_from"] == 2
+    assert [(c.solver, c.steps) for c in cells] == [("ddim", 5), ("dpm++2s", 3), ("ddim", 50)]
+
+    SQ.run_table(_args(tmp_path / "other.json", solvers="ddim", resume=False), model,
+                 _settings(batch_size=3), measure_by(0.0), how)
+    with pytest.raises(ValueError, match=r"other\.json was run with other settings.*batch_size"):
+        SQ.merge(_args(out, merge=[str(parts[0]), str(tmp_path / "other.json")]))
+
+
+def test_time_to_equal_quality_takes_the_cheapest_cell_at_ddim50s_distance(tmp_path):
+    """bench/sample.py times, against GD's DDIM-50, the cell with the fewest evaluations whose
+    distance is at most DDIM-50's (the lower distance among equally cheap ones)."""
+    import sample as bench_sample
+
+    def cell(fd, nfe, kind="logsnr"):
+        return {"fd": fd, "nfe": nfe, "steps": nfe, "grid_kind": kind}
+
+    table = {"settings": {"reference_cell": cell(150.0, 50, "ddim"), "cells": {
+        "ddim": {"10": cell(270.0, 10, "ddim"), "50": cell(150.0, 50, "ddim")},
+        "dpm++2m": {"8": cell(151.0, 8), "10": cell(149.0, 10)},
+        "dpm++3m": {"8": cell(160.0, 8), "10": cell(140.0, 10)},
+        "heun": {"15": cell(130.0, 14, "karras")}}}}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    assert bench_sample.equal_quality_cell(path) == {
+        "solver": "dpm++3m", "nfe": 10, "steps": 10, "grid_kind": "logsnr", "fd": 140.0,
+        "ref": 150.0}
+
+
 # --------------------------------------------------------------------------- the committed table
 
 
