@@ -9,6 +9,10 @@ diffjax runs the whole loop as one jit-compiled program (compile time reported s
 first call minus a steady-state call); GD runs its Python loop. The guided runs use a noisy
 classifier of the same width (EncoderUNetModel, attention pool, 10 classes) at scale 1.0. The
 ratio diffjax / PyTorch is printed per workload (target on CPU: <= 0.5).
+
+Time to equal quality: the cheapest cell of the committed steps-versus-quality table
+(bench/results/steps_quality.json, --table) whose Frechet distance is at most DDIM-50's, run on this
+model with that solver, grid and NFE, against GD's DDIM-50 (with --reference-src and --steps 50).
 """
 from __future__ import annotations
 
@@ -29,11 +33,15 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from forward import CONFIGS, random_state_dict  # noqa: E402
+from steps_quality import make_sampler, time_grid  # noqa: E402
 
 from diffjax.core import guidance as G  # noqa: E402
 from diffjax.core import samplers as SM  # noqa: E402
 from diffjax.compat import gd_models  # noqa: E402
 from diffjax.compat import guided_diffusion as gdc  # noqa: E402
+from diffjax.compat.native import spec_from_flags  # noqa: E402
+
+TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "steps_quality.json")
 
 CLASSIFIER = dict(image_size=32, in_channels=3, model_channels=128, out_channels=10,
                   num_res_blocks=2, attention_resolutions=(2,), channel_mult=(1, 2, 2, 2),
@@ -70,6 +78,35 @@ def bench_diffjax(unet, unet_sd, clf, clf_sd, gd, x_T, y, guided, repeats):
 
     compile_s, seconds = _timed(run, repeats, "diffjax")
     return compile_s, seconds, np.asarray(run())
+
+
+def equal_quality_cell(path) -> dict:
+    """The cheapest cell (fewest evaluations, then lowest distance) of a steps-quality table whose
+    Frechet distance is at most its DDIM-50 reference's: {solver, nfe, steps, grid_kind, fd, ref}."""
+    import json
+
+    with open(path) as f:
+        settings = json.load(f)["settings"]
+    ref = settings["reference_cell"]["fd"]
+    cells = [{"solver": s, **c} for s, row in settings["cells"].items() for c in row.values()
+             if c["fd"] <= ref]
+    best = min(cells, key=lambda c: (c["nfe"], c["fd"]))
+    return {k: best[k] for k in ("solver", "nfe", "steps", "grid_kind", "fd")} | {"ref": ref}
+
+
+def bench_solver(unet, unet_sd, cell, x_T, y, repeats):
+    """diffjax's `cell` (solver on its grid of the 1000-step linear chain), unguided: seconds."""
+    variables = gd_models.load_state_dict(unet, unet_sd)
+    spec, _ = spec_from_flags(dict(steps=1000, learn_sigma=True, noise_schedule="linear"))
+    schedule = spec.schedule(time_grid(cell["grid_kind"], cell["steps"], spec))
+    sampler = make_sampler(cell["solver"], spec)
+
+    def run():
+        return jax.block_until_ready(SM.sample(
+            jax.random.PRNGKey(0), (unet, variables), schedule, x_T.shape, sampler=sampler,
+            config=spec.config, model_kwargs={"y": y}, x_T=x_T))
+
+    return _timed(run, repeats, f"diffjax {cell['solver']}")
 
 
 def bench_torch(unet_flags, unet_sd, clf_sd, gd_steps, x_T, y, guided, repeats, threads):
@@ -121,6 +158,8 @@ def main(argv=None):
     p.add_argument("--no-guidance", action="store_true", help="only the unguided loop")
     p.add_argument("--reference-src", default=None, help="a guided-diffusion checkout")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads")
+    p.add_argument("--table", default=TABLE, help="the steps-quality table whose cheapest "
+                   "cell at DDIM-50's distance is timed against GD's DDIM-50 ('' to skip)")
     p.add_argument("--xla-cpu-flags", choices=sorted(cpu_flags.FLAG_SETS),
                    default=cpu_flags.DEFAULT,
                    help="XLA:CPU flag set (diffjax.cpu_flags), chosen before JAX starts")
@@ -164,6 +203,13 @@ def main(argv=None):
                   f"{args.batch / ref_s:.2f} images/s, {where})\n"
                   f"  ratio diffjax / PyTorch: {seconds / ref_s:.2f}   "
                   f"(samples rel. difference {diff:.1e})")
+            if not guided and args.table and args.steps == 50:
+                cell = equal_quality_cell(args.table)
+                _, fast_s = bench_solver(unet, unet_sd, cell, x_T, y, args.repeats)
+                print(f"time to equal quality: diffjax {cell['solver']} ({cell['grid_kind']}, "
+                      f"{cell['nfe']} NFE) {fast_s:.2f} s vs PyTorch DDIM-50 {ref_s:.2f} s: "
+                      f"ratio {fast_s / ref_s:.2f} (target <= 0.3; Frechet distance "
+                      f"{cell['fd']:.1f} vs DDIM-50's {cell['ref']:.1f} in {args.table})")
 
 
 if __name__ == "__main__":
