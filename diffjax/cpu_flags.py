@@ -8,6 +8,11 @@ so a flag set must be chosen before that: the command line does it from `--xla_c
 * "onednn": convolutions and matrix products as oneDNN custom calls (not oneDNN's graph rewriter),
   and neither XNNPACK nor YNN fusions (their convolution paths were slower for these UNets).
   Outputs agree with "xla" to float32 rounding (the parity tests pass under both).
+* "onednn_conv": convolutions through oneDNN by XLA's library-fusion path for individual
+  convolutions (not the custom call), no YNN fusions; everything else XLA's own. XLA's YNN
+  convolutions ran the default model's 32-64-channel layers at one core's speed: its train step
+  (batch 8) took 236 ms with "xla", 229 ms with YNN off alone, 190 ms with this set (2 cores);
+  the CIFAR-10 model's step was slower with it (4.9 s -> 5.8 s), so it is a choice, not a default.
 * "xla": XLA's own defaults (no flag added).
 
 Measured side by side with guided-diffusion's PyTorch code on 2 cores: README, "Speed on CPU".
@@ -20,6 +25,8 @@ FLAG_SETS = {
     "onednn": ("--xla_cpu_experimental_onednn_custom_call=true", "--xla_cpu_use_onednn=false",
                "--xla_cpu_experimental_ynn_fusion_type=", "--xla_cpu_use_xnnpack=false"),
     "xla": (),
+    "onednn_conv": ("--xla_cpu_experimental_onednn_fusion_type=individual_convolution",
+                    "--xla_cpu_experimental_ynn_fusion_type="),
 }
 DEFAULT = "onednn"  # sampling and evaluation: network forward passes
 TRAINING_DEFAULT = "xla"  # training: the onednn set made the CIFAR-10 train step slower

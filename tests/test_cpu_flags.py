@@ -1,6 +1,7 @@
 """diffjax.cpu_flags: a flag set is chosen explicitly before JAX starts, a late choice is an error
 that says so, a flag the user set wins, and the networks still match guided-diffusion's golden
-outputs under the "onednn" set (the parity tests, run in a process that chose it)."""
+outputs under the "onednn" and "onednn_conv" sets (the parity tests, run in a process that chose
+each); under "onednn_conv" a convolution's weight gradient matches a float64 sum too."""
 import os
 import subprocess
 import sys
@@ -65,6 +66,45 @@ def test_the_command_line_applies_the_default_unless_told_and_never_silently_lat
 def test_the_networks_match_the_golden_outputs_under_the_onednn_set(parity_dir):
     """The forward and guidance-gradient parity tests in a process that chose "onednn"."""
     code = ("import sys; from diffjax import cpu_flags; cpu_flags.use('onednn'); import pytest; "
+            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_models.py', '-k', "
+            "'forward_matches_reference or guidance_gradient_matches_reference']))")
+    run = _python(code, DIFFJAX_SHARED=str(parity_dir.parent))
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-500:]
+
+
+# A 3x3 convolution's input and weight gradients against float64 sums over the padded input.
+_CONV_GRADIENTS = """
+import numpy as np, jax, jax.numpy as jnp
+from jax import lax
+rng = np.random.default_rng(0)
+x = rng.standard_normal((4, 16, 16, 32)).astype(np.float32)
+w = (rng.standard_normal((3, 3, 32, 48)) * 0.1).astype(np.float32)
+dy = rng.standard_normal((4, 16, 16, 48)).astype(np.float32)
+conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+gx, gw = jax.jit(lambda x, w, dy: jax.vjp(conv, x, w)[1](dy))(x, w, dy)
+xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
+d = dy.astype(np.float64)
+ref_w = np.stack([np.stack([np.einsum("nhwc,nhwd->cd", xp[:, i:i + 16, j:j + 16], d)
+                            for j in range(3)]) for i in range(3)])
+dp = np.pad(d, ((0, 0), (1, 1), (1, 1), (0, 0)))  # dx[h, w] = sum_ij dy[h + 1 - i, w + 1 - j] W[i, j]^T
+ref_x = sum(np.einsum("nhwd,cd->nhwc", dp[:, 2 - i:18 - i, 2 - j:18 - j], w[i, j].astype(np.float64))
+            for i in range(3) for j in range(3))
+for got, ref in ((gw, ref_w), (gx, ref_x)):
+    err = np.max(np.abs(np.asarray(got, np.float64) - ref)) / np.max(np.abs(ref))
+    assert err < 1e-5, err
+print("ok")
+"""
+
+
+def test_the_networks_match_the_golden_outputs_under_the_onednn_conv_set(parity_dir):
+    """The forward and guidance-gradient parity tests, and a convolution's weight and input
+    gradients (what training adds) against float64, in a process that chose "onednn_conv"."""
+    choose = "from diffjax import cpu_flags; cpu_flags.use('onednn_conv'); "
+    run = _python(choose + _CONV_GRADIENTS)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    code = ("import sys; " + choose + "import pytest; "
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_models.py', '-k', "
             "'forward_matches_reference or guidance_gradient_matches_reference']))")
     run = _python(code, DIFFJAX_SHARED=str(parity_dir.parent))
