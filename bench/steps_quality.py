@@ -399,7 +399,7 @@ def main(argv=None) -> int:
     labels = None if classes is None else np.arange(padded, dtype=np.int32) % classes
     key = jax.random.PRNGKey(args.seed)
     if args.merge:
-        cells = merge(args)
+        cells = merge(args, model.spec.num_steps)
         if args.grid and cells:
             write_grid(model, cells, key, classes, args.grid, args.grid_per_class)
         return 0
@@ -520,10 +520,12 @@ def finish(args, cells: dict, reference: dict, solvers: list, how: dict) -> list
         [Cell(REFERENCE[0], reference["grid_kind"], reference["steps"], reference["nfe"], **how)]
 
 
-def merge(args) -> list:
+def merge(args, chain_steps: int | None = None) -> list:
     """--merge: the cells of several runs of the same settings (split by --solvers) joined into
-    one --out, in --solvers order; a cell measured twice keeps the first file's. Returns the
-    grid's cells, as run_table does, sampled as the runs sampled (scale, clipping, eta)."""
+    one --out, in --solvers order; a cell measured twice keeps the first file's. The cells of
+    --solvers x --nfe (and the ancestral baseline over `chain_steps`, unless --no_baseline) that no
+    file has are listed in settings.missing. Returns the grid's cells, as run_table does, sampled
+    as the runs sampled (scale, clipping, eta)."""
     runs = [json.loads(pathlib.Path(path).read_text())["settings"] for path in args.merge]
     first = runs[0]
     how = {"scale": first["guidance_scale"], "clip": first["clip_denoised"],
@@ -543,9 +545,16 @@ def merge(args) -> list:
     order = solvers + [BASELINE] + sorted(set(found) - set(solvers) - {BASELINE})
     cells = {s: dict(sorted(found[s].items())) for s in order if s in found}
     reference = next(r["reference_cell"] for r in runs if r.get("reference_cell"))
+    budgets = sorted({int(n) for n in args.nfe.split(",") if n.strip()})
+    missing = {s: [n for n in budgets if n not in found.get(s, {})] for s in solvers}
+    if chain_steps and not args.no_baseline and chain_steps not in found.get(BASELINE, {}):
+        missing[BASELINE] = missing.get(BASELINE, []) + [chain_steps]
+    missing = {s: gaps for s, gaps in missing.items() if gaps}
+    sources = [{"file": pathlib.Path(path).name, "machine": run.get("machine"),
+                "solvers": sorted(run.get("cells", {}))} for path, run in zip(args.merge, runs)]
     settings = {**first, "cells": {s: {str(n): c for n, c in row.items()}
                                    for s, row in cells.items()},
-                "reference_cell": reference, "merged_from": len(runs)}
+                "reference_cell": reference, "merged_from": sources, "missing": missing}
     _write_json(args.out, layout(reference["fd"], table(cells), settings))
     args.samples = first["samples"]
     return finish(args, cells, reference, solvers, how)
