@@ -504,13 +504,13 @@ def run_table(args, model, settings, measure, how: dict) -> list:
                              for s, row in cells.items()}
         settings["reference_cell"] = reference
         _write_json(out, layout(reference["fd"], table(cells), settings))
-    return finish(args, cells, reference, solvers, how)
+    return finish(args, cells, reference, solvers, how, args.samples)
 
 
-def finish(args, cells: dict, reference: dict, solvers: list, how: dict) -> list:
-    """Prints the markdown table and draws the plot of the measured `cells`; returns the cells
-    the grid shows: each solver's at --grid_nfe, then DDIM-50 to compare against."""
-    samples = args.samples
+def finish(args, cells: dict, reference: dict, solvers: list, how: dict, samples: int) -> list:
+    """Prints the markdown table and draws the plot of the measured `cells` (`samples` per cell);
+    returns the cells the grid shows: each solver's at --grid_nfe, then DDIM-50 to compare
+    against."""
     print(markdown(cells, reference["fd"], samples))
     if args.plot:
         plot({s: row for s, row in table(cells).items() if s in solvers}, reference["fd"],
@@ -556,8 +556,7 @@ def merge(args, chain_steps: int | None = None) -> list:
                                    for s, row in cells.items()},
                 "reference_cell": reference, "merged_from": sources, "missing": missing}
     _write_json(args.out, layout(reference["fd"], table(cells), settings))
-    args.samples = first["samples"]
-    return finish(args, cells, reference, solvers, how)
+    return finish(args, cells, reference, solvers, how, first["samples"])
 
 
 def _write_json(path, value) -> None:
