@@ -82,7 +82,8 @@ def bench_diffjax(unet, unet_sd, clf, clf_sd, gd, x_T, y, guided, repeats):
 
 def equal_quality_cell(path) -> dict:
     """The cheapest cell (fewest evaluations, then lowest distance) of a steps-quality table whose
-    Frechet distance is at most its DDIM-50 reference's: {solver, nfe, steps, grid_kind, fd, ref}."""
+    Frechet distance is at most its DDIM-50 reference's:
+    {solver, nfe, steps, grid_kind, fd, ref}."""
     import json
 
     with open(path) as f:

@@ -2,7 +2,8 @@
 (28x28 padded to 32x32 with -1), trained in under 10 minutes on a 2-core CPU (with
 `--xla_cpu_flags onednn_conv`), then sampled.
 
-    python -m diffjax train --config configs/default.py --workdir runs/default --xla_cpu_flags onednn_conv
+    python -m diffjax train --config configs/default.py --workdir runs/default \
+        --xla_cpu_flags onednn_conv
 
 Against the original code's recipe (../shared/design/TARGETS.md: 32 ch UNet with attention at 8x8
 and BigGAN up/down resblocks, lr 2e-4, batch 32, EMA 0.999 without warm-up, 1300 steps, DDIM-50):

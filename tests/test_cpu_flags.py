@@ -88,9 +88,10 @@ xp = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1), (0, 0)))
 d = dy.astype(np.float64)
 ref_w = np.stack([np.stack([np.einsum("nhwc,nhwd->cd", xp[:, i:i + 16, j:j + 16], d)
                             for j in range(3)]) for i in range(3)])
-dp = np.pad(d, ((0, 0), (1, 1), (1, 1), (0, 0)))  # dx[h, w] = sum_ij dy[h + 1 - i, w + 1 - j] W[i, j]^T
-ref_x = sum(np.einsum("nhwd,cd->nhwc", dp[:, 2 - i:18 - i, 2 - j:18 - j], w[i, j].astype(np.float64))
-            for i in range(3) for j in range(3))
+# dx[h, w] = sum_ij dy[h + 1 - i, w + 1 - j] W[i, j]^T
+dp = np.pad(d, ((0, 0), (1, 1), (1, 1), (0, 0)))
+ref_x = sum(np.einsum("nhwd,cd->nhwc", dp[:, 2 - i:18 - i, 2 - j:18 - j],
+                      w[i, j].astype(np.float64)) for i in range(3) for j in range(3))
 for got, ref in ((gw, ref_w), (gx, ref_x)):
     err = np.max(np.abs(np.asarray(got, np.float64) - ref)) / np.max(np.abs(ref))
     assert err < 1e-5, err
