@@ -41,6 +41,8 @@ from diffjax.compat import gd_models  # noqa: E402
 from diffjax.compat import guided_diffusion as gdc  # noqa: E402
 from diffjax.compat.native import spec_from_flags  # noqa: E402
 
+# The 1000-step chain of every run here, as GD's create_gaussian_diffusion flags.
+DIFFUSION = dict(steps=1000, learn_sigma=True, noise_schedule="linear")
 TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "steps_quality.json")
 
 CLASSIFIER = dict(image_size=32, in_channels=3, model_channels=128, out_channels=10,
@@ -50,34 +52,40 @@ CLASSIFIER = dict(image_size=32, in_channels=3, model_channels=128, out_channels
 
 
 def _timed(fn, repeats, name=""):
+    """(first call minus the steady state: compile time, the median steady-state seconds, the
+    last call's output)."""
     start = time.perf_counter()
-    fn()
+    out = fn()
     first = time.perf_counter() - start
     print(f"  {name} first call (compile + run): {first:.1f} s", flush=True)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        out = fn()
         times.append(time.perf_counter() - start)
     steady = statistics.median(times)
-    return first - steady, steady
+    return first - steady, steady, out
 
 
-def bench_diffjax(unet, unet_sd, clf, clf_sd, gd, x_T, y, guided, repeats):
+def bench_diffjax(unet, unet_sd, schedule, config, x_T, y, repeats, *, sampler="ddim",
+                  classifier=None, name="diffjax"):
+    """diffjax's loop on `schedule`, guided by `classifier` ((module, state_dict), scale 1) if
+    given: (compile seconds, steady seconds, samples)."""
     variables = gd_models.load_state_dict(unet, unet_sd)
     guidance = G.chain()
-    if guided:
+    if classifier is not None:
+        clf, clf_sd = classifier
         clf_vars = gd_models.load_state_dict(clf, clf_sd)
         guidance = G.classifier(lambda x, t: clf.apply(clf_vars, x, t), 1.0)
-    args = dict(sampler="ddim", guidance=guidance, config=gd.config, model_kwargs={"y": y},
+    args = dict(sampler=sampler, guidance=guidance, config=config, model_kwargs={"y": y},
                 x_T=x_T)
 
     def run():
         return jax.block_until_ready(SM.sample(jax.random.PRNGKey(0), (unet, variables),
-                                                    gd.schedule, x_T.shape, **args))
+                                                    schedule, x_T.shape, **args))
 
-    compile_s, seconds = _timed(run, repeats, "diffjax")
-    return compile_s, seconds, np.asarray(run())
+    compile_s, seconds, out = _timed(run, repeats, name)
+    return compile_s, seconds, np.asarray(out)
 
 
 def equal_quality_cell(path) -> dict:
@@ -96,18 +104,12 @@ def equal_quality_cell(path) -> dict:
 
 
 def bench_solver(unet, unet_sd, cell, x_T, y, repeats):
-    """diffjax's `cell` (solver on its grid of the 1000-step linear chain), unguided: seconds."""
-    variables = gd_models.load_state_dict(unet, unet_sd)
-    spec, _ = spec_from_flags(dict(steps=1000, learn_sigma=True, noise_schedule="linear"))
+    """diffjax's `cell` (solver on its grid of the chain), unguided: steady seconds."""
+    spec, _ = spec_from_flags(DIFFUSION)
     schedule = spec.schedule(time_grid(cell["grid_kind"], cell["steps"], spec))
-    sampler = make_sampler(cell["solver"], spec)
-
-    def run():
-        return jax.block_until_ready(SM.sample(
-            jax.random.PRNGKey(0), (unet, variables), schedule, x_T.shape, sampler=sampler,
-            config=spec.config, model_kwargs={"y": y}, x_T=x_T))
-
-    return _timed(run, repeats, f"diffjax {cell['solver']}")
+    return bench_diffjax(unet, unet_sd, schedule, spec.config, x_T, y, repeats,
+                         sampler=make_sampler(cell["solver"], spec),
+                         name=f"diffjax {cell['solver']}")[1]
 
 
 def bench_torch(unet_flags, unet_sd, clf_sd, gd_steps, x_T, y, guided, repeats, threads):
@@ -121,8 +123,8 @@ def bench_torch(unet_flags, unet_sd, clf_sd, gd_steps, x_T, y, guided, repeats, 
     model = script_util.create_model(**{**unet_flags, "use_fp16": False}).eval()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in unet_sd.items()})
     model.to(device)
-    diffusion = script_util.create_gaussian_diffusion(
-        steps=1000, learn_sigma=True, noise_schedule="linear", timestep_respacing=f"ddim{gd_steps}")
+    diffusion = script_util.create_gaussian_diffusion(**DIFFUSION,
+                                                      timestep_respacing=f"ddim{gd_steps}")
     kwargs = {"y": torch.from_numpy(np.array(y)).to(device)}
     cond_fn = None
     if guided:
@@ -147,8 +149,8 @@ def bench_torch(unet_flags, unet_sd, clf_sd, gd_steps, x_T, y, guided, repeats, 
             torch.cuda.synchronize()
         return out
 
-    _, seconds = _timed(run, repeats, "PyTorch")
-    return seconds, run().cpu().numpy().transpose(0, 2, 3, 1), device
+    _, seconds, out = _timed(run, repeats, "PyTorch")
+    return seconds, out.cpu().numpy().transpose(0, 2, 3, 1), device
 
 
 def main(argv=None):
@@ -176,8 +178,7 @@ def main(argv=None):
     unet_sd = random_state_dict(gd_models.state_dict_shapes(unet), rng)
     clf = gd_models.build("EncoderUNetModel", **CLASSIFIER)
     clf_sd = random_state_dict(gd_models.state_dict_shapes(clf), rng)
-    gd = gdc.create_gaussian_diffusion(steps=1000, learn_sigma=True, noise_schedule="linear",
-                                       timestep_respacing=f"ddim{args.steps}")
+    gd = gdc.create_gaussian_diffusion(**DIFFUSION, timestep_respacing=f"ddim{args.steps}")
     x_T = jnp.asarray(rng.standard_normal((args.batch, 32, 32, 3)), jnp.float32)
     y = jnp.asarray(rng.integers(0, 10, args.batch))
 
@@ -187,8 +188,9 @@ def main(argv=None):
           f"ADM-like UNet; median of {args.repeats} after a first (compiling) call")
     for guided in ([False] if args.no_guidance else [False, True]):
         name = "classifier-guided" if guided else "unguided"
-        compile_s, seconds, ours = bench_diffjax(unet, unet_sd, clf, clf_sd, gd, x_T, y, guided,
-                                                 args.repeats)
+        compile_s, seconds, ours = bench_diffjax(
+            unet, unet_sd, gd.schedule, gd.config, x_T, y, args.repeats,
+            classifier=(clf, clf_sd) if guided else None)
         print(f"\n{name}: diffjax {seconds:8.2f} s ({seconds / args.steps:.3f} s/step, "
               f"{args.batch / seconds:.2f} images/s), compile {compile_s:.1f} s")
         if args.reference_src:
@@ -206,7 +208,7 @@ def main(argv=None):
                   f"(samples rel. difference {diff:.1e})")
             if not guided and args.table and args.steps == 50:
                 cell = equal_quality_cell(args.table)
-                _, fast_s = bench_solver(unet, unet_sd, cell, x_T, y, args.repeats)
+                fast_s = bench_solver(unet, unet_sd, cell, x_T, y, args.repeats)
                 print(f"time to equal quality: diffjax {cell['solver']} ({cell['grid_kind']}, "
                       f"{cell['nfe']} NFE) {fast_s:.2f} s vs PyTorch DDIM-50 {ref_s:.2f} s: "
                       f"ratio {fast_s / ref_s:.2f} (target <= 0.3; Frechet distance "
