@@ -63,14 +63,24 @@ def test_the_command_line_applies_the_default_unless_told_and_never_silently_lat
     assert _python(code).stdout.strip() == ""
 
 
-def test_the_networks_match_the_golden_outputs_under_the_onednn_set(parity_dir):
-    """The forward and guidance-gradient parity tests in a process that chose "onednn"."""
-    code = ("import sys; from diffjax import cpu_flags; cpu_flags.use('onednn'); import pytest; "
+def _choose(name: str) -> str:
+    return f"from diffjax import cpu_flags; cpu_flags.use({name!r}); "
+
+
+def _assert_parity_under(name: str, parity_dir) -> None:
+    """The forward and guidance-gradient parity tests pass, none skipped, in a process that
+    chose flag set `name`."""
+    code = ("import sys; " + _choose(name) + "import pytest; "
             "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_models.py', '-k', "
             "'forward_matches_reference or guidance_gradient_matches_reference']))")
     run = _python(code, DIFFJAX_SHARED=str(parity_dir.parent))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-500:]
+
+
+def test_the_networks_match_the_golden_outputs_under_the_onednn_set(parity_dir):
+    """The forward and guidance-gradient parity tests in a process that chose "onednn"."""
+    _assert_parity_under("onednn", parity_dir)
 
 
 # A 3x3 convolution's input and weight gradients against float64 sums over the padded input.
@@ -102,12 +112,6 @@ print("ok")
 def test_the_networks_match_the_golden_outputs_under_the_onednn_conv_set(parity_dir):
     """The forward and guidance-gradient parity tests, and a convolution's weight and input
     gradients (what training adds) against float64, in a process that chose "onednn_conv"."""
-    choose = "from diffjax import cpu_flags; cpu_flags.use('onednn_conv'); "
-    run = _python(choose + _CONV_GRADIENTS)
+    run = _python(_choose("onednn_conv") + _CONV_GRADIENTS)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
-    code = ("import sys; " + choose + "import pytest; "
-            "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/test_models.py', '-k', "
-            "'forward_matches_reference or guidance_gradient_matches_reference']))")
-    run = _python(code, DIFFJAX_SHARED=str(parity_dir.parent))
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    assert " passed" in run.stdout and "skipped" not in run.stdout, run.stdout[-500:]
+    _assert_parity_under("onednn_conv", parity_dir)
