@@ -45,6 +45,18 @@ def runs():
     return {dtype: _run(dtype, batches) for dtype in ("float32", "bfloat16")}
 
 
+def _equations(jaxpr, name):
+    """The equations of primitive `name` in `jaxpr` and, in program order, in the jaxprs its
+    equations call (a convolution sits inside diffjax.models.convolution's custom_jvp call)."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == name:
+            yield eqn
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)
+            if isinstance(inner, jax.extend.core.Jaxpr):
+                yield from _equations(inner, name)
+
+
 def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state(runs):
     for dtype, (trainer, state, _) in runs.items():
         assert jnp.dtype(trainer.module.dtype) == jnp.dtype(dtype)
@@ -58,7 +70,7 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state(runs):
     args, kwargs = trainer.module.example_inputs(1)
     jaxpr = jax.make_jaxpr(lambda p: trainer.module.apply({"params": p}, *args, **kwargs))(
         runs["bfloat16"][1].params)
-    convs = [e for e in jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+    convs = list(_equations(jaxpr.jaxpr, "conv_general_dilated"))
     assert [e.invars[0].aval.dtype for e in convs] == [jnp.bfloat16] * (len(convs) - 1) + [
         jnp.float32]
 

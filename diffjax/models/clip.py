@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffjax.core import guidance as G
+from diffjax.models import convolution
 from diffjax.models.glide import LayerNorm32
 from diffjax.models.layers import default_precision
 
@@ -285,7 +286,7 @@ class _ImageEmbedding(nn.Module):
                            (1 + n * n, self.width), jnp.float32)
         x = (x - jnp.asarray(IMAGE_CHANNEL_MEANS, jnp.float32)) / jnp.asarray(IMAGE_CHANNEL_STDS,
                                                                               jnp.float32)
-        patches = jax.lax.conv_general_dilated(
+        patches = convolution.conv_general_dilated(
             x, patch_proj, (p, p), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
             precision=default_precision(jnp.float32, self.precision))
         patches = patches.reshape(x.shape[0], n * n, self.width)

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from diffjax.models import convolution
+
 Precision = Any
 
 
@@ -100,10 +102,12 @@ def _use_winograd(algorithm, lhs, rhs, window_strides, padding, lhs_dilation, rh
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, *,
                          algorithm: str = "direct", **kwargs):
-    """`lax.conv_general_dilated`, with stride-1 3x3 float32 NHWC convolutions of at least
-    WINOGRAD_MIN_SIZE pixels routed to `conv3x3_winograd` as `algorithm` (CONV_ALGORITHMS) says."""
+    """`convolution.conv_general_dilated` (lax's, with a loop-friendly input gradient), with
+    stride-1 3x3 float32 NHWC convolutions of at least WINOGRAD_MIN_SIZE pixels routed to
+    `conv3x3_winograd` as `algorithm` (CONV_ALGORITHMS) says."""
     if not kwargs and _use_winograd(algorithm, lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count):
         return conv3x3_winograd(lhs, rhs, precision)
-    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-                                    dimension_numbers, feature_group_count, precision=precision, **kwargs)
+    return convolution.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                            rhs_dilation, dimension_numbers, feature_group_count,
+                                            precision=precision, **kwargs)
