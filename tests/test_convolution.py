@@ -61,9 +61,9 @@ def test_values_and_derivatives_are_lax_s(case):
     assert rel_err(hvp(ours), hvp(theirs)) <= 1e-5
 
 
-def _kernel_labels(compiled_text):
-    """The kernel part of every convolution's dim_labels in compiled HLO ('01io', '0oi', ...)."""
-    return [m.group(1) for m in re.finditer(r" convolution\(.*?dim_labels=\w+_(\w+)->", compiled_text)]
+def _all_labels(compiled_text):
+    """Every convolution's dim_labels in compiled HLO ('b01f_01io->b01f', ...)."""
+    return re.findall(r" convolution\(.*?dim_labels=(\w+_\w+->\w+)", compiled_text)
 
 
 cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu",
@@ -72,21 +72,27 @@ cpu_only = pytest.mark.skipif(jax.default_backend() != "cpu",
 
 @cpu_only
 @pytest.mark.parametrize("case", ["3x3", "3x3 stride 2", "1x1 over tokens"])
-def test_input_gradient_inside_a_loop_keeps_the_canonical_kernel_layout(case):
-    """XLA:CPU only rewrites convolutions with non-canonical kernel labels (`01oi`, what lax's
-    transpose rule emits) into its fast form in the entry computation; inside a loop body they run
-    as a naive loop nest. Ours must compile to input/output-feature order `io` there (a 1x1 one
-    may become a dot: no convolution left at all), and compute what lax's does."""
+@pytest.mark.parametrize("wrt", ["input", "weights"])
+def test_gradients_inside_a_loop_are_canonical_convolutions(case, wrt):
+    """XLA:CPU only rewrites non-canonical convolutions (lax's transpose rules emit `01oi` kernels
+    for the input gradient, `f01b_i01o->01bf` for the weight gradient) into its fast form in the
+    entry computation; inside a loop body they run as a naive loop nest. Ours must compile to the
+    canonical `b01f_01io->b01f` there (a 1x1 one may become a dot: no convolution left at all),
+    and compute what lax's does."""
     x, w, r, ours, theirs = _both(case)
 
     def loop(conv):
-        step = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, w)) * r))
-        return jax.jit(lambda x: lax.fori_loop(0, 2, lambda i, x: x - 0.1 * step(x), x))
+        if wrt == "input":
+            step = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, w)) * r))
+            return jax.jit(lambda x: lax.fori_loop(0, 2, lambda i, x: x - 0.1 * step(x), x)), x
+        step = jax.grad(lambda w: jnp.sum(jnp.tanh(conv(x, w)) * r))
+        return jax.jit(lambda w: lax.fori_loop(0, 2, lambda i, w: w - 0.1 * step(w), w)), w
 
-    labels = _kernel_labels(loop(ours).lower(x).compile().as_text())
-    assert all(k.endswith("io") for k in labels), labels
-    assert len(labels) == (0 if case.startswith("1x1") else 2), labels
-    assert rel_err(loop(ours)(x), loop(theirs)(x)) <= 1e-6
+    (f, arg), (g, _) = loop(ours), loop(theirs)
+    labels = _all_labels(f.lower(arg).compile().as_text())
+    assert all(re.fullmatch(r"b(0?1?)f_\1io->b\1f", k) for k in labels), labels
+    assert len(labels) == 2 or case.startswith("1x1"), labels
+    assert rel_err(f(arg), g(arg)) <= 1e-6
 
 
 @cpu_only
@@ -102,5 +108,5 @@ def test_classifier_guidance_gradient_in_a_loop_has_only_canonical_convolutions(
     variables = clf.init(jax.random.PRNGKey(0), x, t)
     step = jax.grad(lambda x: jnp.sum(jax.nn.log_softmax(clf.apply(variables, x, t))[:, 0]))
     loop = jax.jit(lambda x: lax.fori_loop(0, 2, lambda i, x: x + step(x), x))
-    labels = _kernel_labels(loop.lower(x).compile().as_text())
-    assert labels and all(k.endswith("io") for k in labels), labels
+    labels = _all_labels(loop.lower(x).compile().as_text())
+    assert labels and all(re.fullmatch(r"b(0?1?)f_\1io->b\1f", k) for k in labels), labels
