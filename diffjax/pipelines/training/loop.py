@@ -69,24 +69,24 @@ def model_from_state(experiment: Experiment, state, use: str | None = None) -> D
 def step_flops(trainer: Trainer, mesh, state_sh, state, batches, lowered) -> float | None:
     """FLOPs of one train step over the whole global batch (every device's share), or None.
 
-    The count is XLA's cost analysis of the step as written, before XLA's optimisations.
-    `lowered` (steps_per_dispatch steps on `batches` [S, B, ...], unrolled) is that count S times
-    over. XLA counts a rolled loop's body once, so the microbatch loop would count one chunk: with
-    train.microbatch the count is taken from one step of the same arithmetic on the whole batch at
-    once (one more lowering, no compile). With train.remat the recomputed forward pass is counted
+    The count is XLA's cost analysis of the step as written, before XLA's optimisations, read
+    from `lowered` when that is one step on the whole batch. XLA counts a rolled loop's body once,
+    so with several steps per dispatch (one rolled scan) or train.microbatch (a scan over chunks)
+    the count is taken from one step of the same arithmetic on the whole batch at once (one more
+    lowering, no compile). With train.remat the recomputed forward pass is counted
     too. XLA:GPU gives no cost analysis of a lowered program (jax 0.10-0.11), and its compiled
     count leaves out cuDNN's convolutions: there the same step (traced as for the GPU: direct
     convolutions, XLA's attention in place of cuDNN's) is lowered for one CPU device (abstract
     inputs, nothing compiled or run), which counts the same arithmetic."""
     tc = trainer.config
-    one_step = tc.num_microbatches == 1 and lowered is not None
-    flops = metrics_lib.program_flops(lowered) if one_step else None
+    one_step = tc.num_microbatches == 1 and tc.steps_per_dispatch == 1
+    flops = metrics_lib.program_flops(lowered) if one_step and lowered is not None else None
     if flops:
-        return flops / tc.steps_per_dispatch
+        return flops
     whole = dataclasses.replace(trainer, config=dataclasses.replace(
         tc, microbatch=0, steps_per_dispatch=1))
     one = jax.tree.map(lambda b: jax.ShapeDtypeStruct((1,) + b.shape[1:], b.dtype), batches)
-    if tc.num_microbatches > 1:
+    if not one_step:
         flops = metrics_lib.program_flops(compile_steps(whole, mesh, state_sh).lower(state, one))
     if flops or jax.default_backend() == "cpu":
         return flops

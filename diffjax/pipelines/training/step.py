@@ -179,13 +179,15 @@ class Trainer:
         return new_state, metrics
 
     def train_steps(self, state: TrainState, batches: dict) -> tuple[TrainState, dict]:
-        """`steps_per_dispatch` steps on stacked batches [S, B, ...]; metrics [S]. The steps are
-        unrolled: XLA:CPU runs a UNet step ~30x slower inside a rolled while loop (measured:
-        46 s vs 1.5 s), and S is small."""
+        """`steps_per_dispatch` steps on stacked batches [S, B, ...]; metrics [S], as one rolled
+        `lax.scan`: compile time does not grow with S. (XLA:CPU used to run a UNet step ~30x slower
+        inside a while loop, 46 s vs 1.5 s, until diffjax.models.convolution made the gradient
+        convolutions canonical; the default model's 3 steps now take 0.61 s rolled or unrolled,
+        and compile in 18 s instead of 41 s.)"""
         if jax.tree.leaves(batches)[0].shape[0] == 1:
             state, metrics = self.train_step(state, jax.tree.map(lambda x: x[0], batches))
             return state, jax.tree.map(lambda x: x[None], metrics)
-        return jax.lax.scan(self.train_step, state, batches, unroll=True)
+        return jax.lax.scan(self.train_step, state, batches)
 
 
 def compile_steps(trainer: Trainer, mesh, state_sharding):
