@@ -15,11 +15,12 @@ from tests._util import rel_err
 HI = lax.Precision.HIGHEST
 
 # (input shape, kernel shape, strides, padding, dimension numbers): the kinds diffjax's models run.
+NHWC = ("NHWC", "HWIO", "NHWC")
 CASES = {
-    "3x3": ((2, 8, 8, 4), (3, 3, 4, 6), (1, 1), ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")),
-    "3x3 stride 2": ((2, 8, 8, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1)), ("NHWC", "HWIO", "NHWC")),
+    "3x3": ((2, 8, 8, 4), (3, 3, 4, 6), (1, 1), ((1, 1), (1, 1)), NHWC),
+    "3x3 stride 2": ((2, 8, 8, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1)), NHWC),
     "1x1 over tokens": ((2, 10, 4), (1, 4, 12), (1,), ((0, 0),), ("NWC", "WIO", "NWC")),
-    "patches": ((2, 8, 8, 3), (4, 4, 3, 5), (4, 4), "VALID", ("NHWC", "HWIO", "NHWC")),
+    "patches": ((2, 8, 8, 3), (4, 4, 3, 5), (4, 4), "VALID", NHWC),
     "NCHW": ((2, 4, 8, 8), (6, 4, 3, 3), (1, 1), ((1, 1), (1, 1)), ("NCHW", "OIHW", "NCHW")),
 }
 
