@@ -32,7 +32,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
     """`lax.conv_general_dilated`, the same values and signature; see the module docstring for
-    what differs (the form of the input gradient). Grouped convolutions go to lax unchanged."""
+    what differs (the form of the gradient convolutions). Grouped ones go to lax unchanged."""
     if feature_group_count != 1 or batch_group_count != 1:
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                         rhs_dilation, dimension_numbers, feature_group_count,
@@ -81,7 +81,7 @@ def _conv_jvp(strides, padding, lhs_dilation, rhs_dilation, dn, precision, pet, 
             terms.append(_weight_tangent_canonical(conv, lhs, d_rhs, dn))
         else:
             terms.append(conv(lhs, d_rhs, dn=dn))
-    return out, functools.reduce(jnp.add, terms)
+    return out, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out)
 
 
 def _weight_tangent_canonical(conv, lhs, d_rhs, dn):
