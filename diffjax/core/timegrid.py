@@ -22,6 +22,9 @@ the training timestep nearest to it in the grid's own variable (t, lambda or sig
 end, where lambda and sigma move fastest, two targets can land on the same timestep: a collision
 moves the noisier stop up to the next free timestep (and if that runs past T-1 the stops are pushed
 back down from the top), so the grid keeps exactly N distinct, sorted stops whenever N <= T.
+The noisy end can crowd too: guided-diffusion's cosine chain clips its last beta to 0.999, so its
+last step alone spans lambda -6.46 to -9.92 (T = 1000), and a few-step "logsnr" grid puts several
+stops on t >= 980 (docs/steps_quality.md measures what that does to DPM-Solver++(2M)).
 
 "logsnr" and "karras" need the chain's betas: `grid.timesteps(betas)`, or bind them once with
 `TimeGrid("logsnr", steps=20, betas=spec.training_betas())` so that `spec.schedule(grid)` (which
