@@ -22,6 +22,7 @@ if __name__ == "__main__":
     hugepages.reexec()  # first: glibc reads its malloc tunables only when a process starts
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -92,8 +93,6 @@ def equal_quality_cell(path) -> dict:
     """The cheapest cell (fewest evaluations, then lowest distance) of a steps-quality table whose
     Frechet distance is at most its DDIM-50 reference's:
     {solver, nfe, steps, grid_kind, fd, ref}."""
-    import json
-
     with open(path) as f:
         settings = json.load(f)["settings"]
     ref = settings["reference_cell"]["fd"]

@@ -102,7 +102,7 @@ def _use_winograd(algorithm, lhs, rhs, window_strides, padding, lhs_dilation, rh
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, *,
                          algorithm: str = "direct", **kwargs):
-    """`convolution.conv_general_dilated` (lax's, with a loop-friendly input gradient), with
+    """`convolution.conv_general_dilated` (lax's, with loop-friendly gradients), with
     stride-1 3x3 float32 NHWC convolutions of at least WINOGRAD_MIN_SIZE pixels routed to
     `conv3x3_winograd` as `algorithm` (CONV_ALGORITHMS) says."""
     if not kwargs and _use_winograd(algorithm, lhs, rhs, window_strides, padding, lhs_dilation,
