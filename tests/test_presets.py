@@ -37,7 +37,8 @@ def _script(spec) -> str:
 
 
 def test_one_preset_per_released_checkpoint():
-    assert SPECS, "no preset JSON found"
+    require(PRESETS)
+    assert SPECS, f"no preset JSON found in {PRESETS}"
     assert sorted(pretrained.PRESETS) == SPECS
 
 
