@@ -189,7 +189,7 @@ def _peak_rss_mib(args):
 @pytest.mark.slow
 def test_conversion_streams(tmp_path, golden):
     """Converting a 200 MiB checkpoint costs at most 1.5x its size above a tiny conversion's peak
-    (measured: about 1.15x; a 2.1 GiB one peaked at 2.6 GiB in all)."""
+    (measured: 1.36x; 1.7-1.8x while the checksums before saving kept a full-size scratch)."""
     config = pretrained.get_config("cifar10_uncond_50M_500K")
     shapes = gd_models.state_dict_shapes(C.build_model(config))
     rng = np.random.default_rng(0)

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from diffjax.io import checkpoints
 from diffjax.io.checkpoints import CheckpointManager
 from tests._util import REPO
 
@@ -123,3 +124,39 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
     assert "SIGTERM: saved step" in err
     saved = int(err.split("SIGTERM: saved step ")[1].split(",")[0])
     assert max(_steps(workdir)) == saved < TOTAL_STEPS
+
+
+def _numpy_checksum(x) -> int:
+    """The documented checksum, sum_i bits(x_i) (2 i + 1) mod 2^32, in exact numpy integers."""
+    x = np.asarray(x).reshape(-1)
+    if x.dtype == np.bool_:
+        bits = x.astype(np.uint64)
+    else:
+        bits = x.view(f"u{x.dtype.itemsize}").astype(np.uint64)
+    index = np.arange(x.size, dtype=np.uint64)
+    return int(np.sum(bits * (2 * index + 1) % 2**32) % 2**32)
+
+
+def test_checksums_follow_their_formula():
+    """Every dtype a state holds, sizes on and off the 32-element rows the sum is split into,
+    a scalar and an empty array."""
+    rng = np.random.default_rng(0)
+    tree = {"conv": rng.standard_normal((3, 3, 64, 65)).astype(np.float32),
+            "odd": rng.standard_normal(4097 * 3).astype(np.float32),
+            "short": rng.standard_normal(31).astype(np.float32),
+            "bf16": rng.standard_normal(77).astype(jax.numpy.bfloat16),
+            "int8": rng.integers(-128, 128, 5001).astype(np.int8),
+            "mask": rng.random(40) < 0.5, "scalar": np.float32(3.0), "empty": np.zeros(0, np.float32)}
+    got = checkpoints.checksums({k: jax.numpy.asarray(v) for k, v in tree.items()})
+    assert got == {k: _numpy_checksum(v) for k, v in tree.items()}
+
+
+def test_checksums_need_no_copy_of_the_state():
+    """The compiled checksum program's scratch stays a small fraction of the arrays it reads
+    (one fused sum over everything kept a full-size product: 1.6x a 200 MiB model at the peak of
+    saving it)."""
+    rng = np.random.default_rng(0)
+    tree = {"w": jax.numpy.asarray(rng.standard_normal((3, 3, 256, 256)), np.float32),
+            "b": jax.numpy.asarray(rng.standard_normal((512, 1000)), np.float32)}
+    stats = checkpoints._checksums.lower(tree).compile().memory_analysis()
+    assert stats.temp_size_in_bytes <= stats.argument_size_in_bytes / 8, stats
