@@ -2,7 +2,8 @@
 original guided-diffusion PyTorch code on the same machine in the same run.
 
     python bench/forward.py [--configs cifar10 adm64] [--dtypes float32 bfloat16] [--repeats 5]
-        [--warmup 2] [--batch N] [--reference-src PATH/TO/guided-diffusion] [--threads 1]
+        [--warmup 2] [--batch N] [--conv-algorithms direct winograd]
+        [--reference-src PATH/TO/guided-diffusion] [--threads 1]
 
 Configurations (guided_diffusion.script_util.create_model flags):
 * cifar10: the CIFAR-10 ADM-like model of ../shared/design/TARGETS.md: 32 px, 128 channels, 2 res
@@ -82,9 +83,10 @@ def _inputs(flags, batch, rng):
     return x, t, y
 
 
-def diffjax_forward(flags, dtype, state_dict, x, t, y):
+def diffjax_forward(flags, dtype, state_dict, x, t, y, conv_algorithm="direct"):
     """(compile seconds, forward thunk, float32 output) of the jit-compiled diffjax model."""
     module = gd_models.create_model(**flags, use_fp16=(dtype == "bfloat16"))
+    module = module.clone(conv_algorithm=conv_algorithm)
     variables = gd_models.load_state_dict(module, state_dict)
     kw = {} if y is None else {"y": jnp.asarray(y)}
     args = (variables, jnp.asarray(x), jnp.asarray(t), kw)
@@ -119,6 +121,9 @@ def main(argv=None):
     p.add_argument("--configs", nargs="+", choices=sorted(CONFIGS), default=["cifar10", "adm64"])
     p.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, default=None, help="override the per-config batch size")
+    p.add_argument("--conv-algorithms", nargs="+", choices=["direct", "winograd", "auto"],
+                   default=["direct"], help="diffjax's conv_algorithm field: each one listed is "
+                   "timed, interleaved with the others")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reference-src", default=None,
@@ -155,9 +160,11 @@ def main(argv=None):
         print(f"\n{name}: {n_params / 1e6:.1f} M params, batch {batch}, {flags['image_size']} px")
         fns, outs = {}, {}
         for dtype in args.dtypes:
-            compile_s, fns[f"diffjax {dtype}"], outs[dtype] = diffjax_forward(flags, dtype, state_dict,
-                                                                              x, t, y)
-            print(f"  diffjax {dtype:8s}: compile {compile_s:.1f} s")
+            for algorithm in args.conv_algorithms:
+                label = dtype if args.conv_algorithms == ["direct"] else f"{dtype} {algorithm}"
+                compile_s, fns[f"diffjax {label}"], outs[label] = diffjax_forward(
+                    flags, dtype, state_dict, x, t, y, algorithm)
+                print(f"  diffjax {label:8s}: compile {compile_s:.1f} s")
         ref = None
         if args.reference_src:
             try:
@@ -166,13 +173,13 @@ def main(argv=None):
                 print(f"  PyTorch reference not run: {err}")
         medians = _interleaved_medians(fns, args.repeats, args.warmup)
         for label, (seconds, cores) in medians.items():
-            print(f"  {label:17s}: forward {seconds:7.3f} s   (CPU time / wall time {cores:.2f})")
+            print(f"  {label:26s}: forward {seconds:7.3f} s   (CPU time / wall time {cores:.2f})")
         if ref is not None:
             torch_s = medians["PyTorch float32"][0]
-            for dtype, out in outs.items():
+            for label, out in outs.items():
                 err = np.max(np.abs(out - ref)) / np.max(np.abs(ref))
-                print(f"  ratio diffjax {dtype} / PyTorch float32: "
-                      f"{medians[f'diffjax {dtype}'][0] / torch_s:.2f}   (output rel. difference {err:.1e})")
+                print(f"  ratio diffjax {label} / PyTorch float32: "
+                      f"{medians[f'diffjax {label}'][0] / torch_s:.2f}   (output rel. difference {err:.1e})")
         print(f"  load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -72,8 +72,8 @@ def test_forward_matches_reference(golden, name):
 
 @pytest.mark.parametrize("algorithm", ["direct", "winograd"])
 def test_both_conv3x3_algorithms_match_reference(golden, monkeypatch, algorithm):
-    """Both ways of running the 3x3 convolutions (XLA's direct one and Winograd F(2x2,3x3), the CPU
-    default) reproduce the original model; the counter proves the Winograd path really ran."""
+    """Both ways of running the 3x3 convolutions (XLA's direct one and Winograd F(2x2,3x3)) reproduce
+    the original model; the counter proves the Winograd path really ran."""
     calls = []
     real = winograd.conv3x3_winograd
     monkeypatch.setattr(winograd, "conv3x3_winograd", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -112,6 +112,53 @@ def test_winograd_conv_matches_float64_convolution(shape):
     want = jax.grad(lambda x, k: jnp.sum(direct(x, k) * r), (0, 1))(x, k)
     for a, b in zip(got, want):
         assert rel_err(a, b) <= 2e-6
+
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("channels", [64, winograd.WINOGRAD_MIN_CHANNELS])
+def test_auto_takes_winograd_for_wide_layers_on_the_cpu(monkeypatch, channels):
+    """"auto" (the default) runs Winograd on the CPU backend only for layers of at least
+    WINOGRAD_MIN_CHANNELS channels; its value is the convolution's either way."""
+    calls = []
+    real = winograd.conv3x3_winograd
+    monkeypatch.setattr(winograd, "conv3x3_winograd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 16, 16, channels)).astype(np.float32)
+    k = (rng.standard_normal((3, 3, channels, channels)) / channels).astype(np.float32)
+    got = winograd.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC,
+                                        algorithm="auto")
+    assert rel_err(got, _conv3x3_float64(x, k)) <= 2e-6
+    wide = channels >= winograd.WINOGRAD_MIN_CHANNELS
+    assert bool(calls) == (wide and jax.default_backend() == "cpu")
+
+
+def test_winograd_hook_differentiates_as_the_direct_convolution():
+    """Through the hook, Winograd gives the value and the direct convolution the derivatives: the
+    gradients equal XLA's convolution's, and the tangent program holds convolutions, none of
+    Winograd's matrix products."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 16, 16, 8)).astype(np.float32)
+    k = rng.standard_normal((3, 3, 8, 6)).astype(np.float32)
+    r = rng.standard_normal((2, 16, 16, 6)).astype(np.float32)
+
+    def hook(x, k):
+        return winograd.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)),
+                                             dimension_numbers=NHWC, algorithm="winograd")
+
+    def direct(x, k):
+        return lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC,
+                                        precision=lax.Precision.HIGHEST)
+
+    got = jax.grad(lambda x, k: jnp.sum(hook(x, k) * r), (0, 1))(x, k)
+    want = jax.grad(lambda x, k: jnp.sum(direct(x, k) * r), (0, 1))(x, k)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 2e-6
+    value, tangent = jax.linearize(hook, x, k)
+    assert rel_err(value, _conv3x3_float64(x, k)) <= 2e-6
+    primitives = {str(e.primitive) for e in jax.make_jaxpr(tangent)(x, k).eqns}
+    assert "conv_general_dilated" in primitives and "dot_general" not in primitives, primitives
 
 
 def test_winograd_conv_refuses_what_it_cannot_do():

@@ -176,6 +176,30 @@ def test_super_resolution_step_feeds_the_area_downsampled_batch():
     assert np.isfinite(float(metrics["loss"])) and int(new.step) == 1
 
 
+@pytest.mark.parametrize("algorithm", ["auto", "winograd"])
+def test_training_runs_auto_convolutions_direct(monkeypatch, algorithm):
+    """conv_algorithm "auto" (Winograd forward values of wide layers on the CPU) trains with
+    direct convolutions, where Winograd did not pay; an explicit "winograd" is obeyed. Counted
+    while the step is traced, on 16 px layers of 128 channels (where "auto" samples with
+    Winograd)."""
+    from diffjax.models import winograd
+    calls = []
+    real = winograd.conv3x3_winograd
+    monkeypatch.setattr(winograd, "conv3x3_winograd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    c = tiny_config(conditioning="none", num_classes=0)
+    c.data.image_size = 16
+    c.model.model_channels = winograd.WINOGRAD_MIN_CHANNELS
+    c.model.conv_algorithm = algorithm
+    trainer, _, _ = T.trainer_from_config(c)
+    assert trainer.module.conv_algorithm == algorithm
+    state = jax.eval_shape(trainer.init, jax.random.PRNGKey(0))
+    batch = {"image": jax.ShapeDtypeStruct((8, 16, 16, 1), jnp.float32),
+             "label": jax.ShapeDtypeStruct((8,), jnp.int32)}
+    calls.clear()  # init's forward (shapes only) may take either
+    jax.eval_shape(trainer.train_step, state, batch)
+    assert bool(calls) == (algorithm == "winograd")
+
+
 def test_microbatches_accumulate_to_the_full_batch_gradient(class_cond):
     full, full_step = class_cond
     micro, _, _ = T.trainer_from_config(tiny_config(microbatch=2))

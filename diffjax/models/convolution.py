@@ -37,10 +37,17 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
         return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                         rhs_dilation, dimension_numbers, feature_group_count,
                                         batch_group_count, precision, preferred_element_type)
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    static = (tuple(window_strides), _hashable(padding), _hashable(lhs_dilation),
-              _hashable(rhs_dilation), dn, _hashable(precision), preferred_element_type)
+    static = static_args(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                         dimension_numbers, precision, preferred_element_type)
     return _conv(lhs, rhs, *static)
+
+
+def static_args(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                dimension_numbers=None, precision=None, preferred_element_type=None) -> tuple:
+    """The static arguments of `_conv` (and `conv_tangent`), hashable, dimension numbers parsed."""
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    return (tuple(window_strides), _hashable(padding), _hashable(lhs_dilation),
+            _hashable(rhs_dilation), dn, _hashable(precision), preferred_element_type)
 
 
 def _hashable(value):
@@ -61,12 +68,22 @@ def _conv(lhs, rhs, strides, padding, lhs_dilation, rhs_dilation, dn, precision,
 
 
 def _conv_jvp(strides, padding, lhs_dilation, rhs_dilation, dn, precision, pet, primals, tangents):
+    static = (strides, padding, lhs_dilation, rhs_dilation, dn, precision, pet)
+    out = _lax_conv(*primals, *static)
+    return out, conv_tangent(static, primals, tangents, out)
+
+
+def conv_tangent(static, primals, tangents, out):
+    """The tangent of `_conv` at `primals` (lhs, rhs) along `tangents` (either may be a
+    SymbolicZero), written so that its transposes are canonical convolutions. `static`: `_conv`'s
+    static arguments; `out`: the primal output (its shape and dtype for an all-zero tangent). A
+    convolution computed another way (winograd's) borrows these derivatives."""
+    strides, padding, lhs_dilation, rhs_dilation, dn, precision, pet = static
     lhs, rhs = primals
     d_lhs, d_rhs = tangents
     conv = functools.partial(_lax_conv, strides=strides, padding=padding,
                              lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
                              precision=precision, pet=pet)
-    out = conv(lhs, rhs, dn=dn)
     terms = []
     if not isinstance(d_lhs, SymbolicZero):
         # The same product with the kernel's output/input feature axes swapped in memory and in
@@ -81,7 +98,7 @@ def _conv_jvp(strides, padding, lhs_dilation, rhs_dilation, dn, precision, pet, 
             terms.append(_weight_tangent_canonical(conv, lhs, d_rhs, dn))
         else:
             terms.append(conv(lhs, d_rhs, dn=dn))
-    return out, functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out)
+    return functools.reduce(jnp.add, terms) if terms else jnp.zeros_like(out)
 
 
 def _weight_tangent_canonical(conv, lhs, d_rhs, dn):

@@ -17,7 +17,8 @@ output convolution of each residual branch, so freshly built models train like t
 Two kernel choices are module fields, threaded from the model down to every block like `precision`
 (they change how values are computed, never the parameters):
 * `conv_algorithm` (CONV_ALGORITHMS): stride-1 3x3 float32 convolutions of at least 16x16 pixels run
-  as XLA's convolution ("direct", the default) or Winograd F(2x2, 3x3) (diffjax.models.winograd);
+  as XLA's convolution ("direct") or Winograd F(2x2, 3x3) ("winograd"); "auto" (the default) takes
+  Winograd for the forward value of wide layers on the CPU (diffjax.models.winograd);
 * `attention_impl` (ATTENTION_IMPLS): guided-diffusion's einsum attention (the default) or
   `jax.nn.dot_product_attention` (XLA, or cuDNN flash attention on NVIDIA GPUs).
 
@@ -178,7 +179,7 @@ class Upsample(nn.Module):
     out_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     precision: Precision = None
-    conv_algorithm: str = "direct"
+    conv_algorithm: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -195,7 +196,7 @@ class Downsample(nn.Module):
     out_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     precision: Precision = None
-    conv_algorithm: str = "direct"
+    conv_algorithm: str = "auto"
 
     @nn.compact
     def __call__(self, x):
@@ -232,7 +233,7 @@ class ResBlock(nn.Module):
     deterministic: bool = True
     dtype: Dtype = jnp.float32
     precision: Precision = None
-    conv_algorithm: str = "direct"
+    conv_algorithm: str = "auto"
 
     @nn.compact
     def __call__(self, x, emb):
@@ -377,7 +378,7 @@ class AttentionBlock(nn.Module):
     encoder_channels: Optional[int] = None
     dtype: Dtype = jnp.float32
     precision: Precision = None
-    conv_algorithm: str = "direct"
+    conv_algorithm: str = "auto"
     attention_impl: str = "einsum"
 
     @nn.compact
@@ -419,7 +420,7 @@ class AttentionPool2d(nn.Module):
     output_dim: Optional[int] = None
     dtype: Dtype = jnp.float32
     precision: Precision = None
-    conv_algorithm: str = "direct"
+    conv_algorithm: str = "auto"
     attention_impl: str = "einsum"
 
     @nn.compact

@@ -56,7 +56,7 @@ class ADMTrunk(nn.Module):
     use_new_attention_order: bool = False
     dtype: Any = jnp.float32
     precision: Any = None
-    conv_algorithm: str = "direct"
+    conv_algorithm: str = "auto"
     attention_impl: str = "einsum"
 
     _has_decoder: ClassVar[bool] = False  # whether num_heads_upsample is used

@@ -4,6 +4,7 @@
 through; `conv_algorithm` (a module field) decides per model."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -18,16 +19,28 @@ Precision = Any
 
 CONV_ALGORITHMS = ("direct", "winograd", "auto")
 """Values of the `conv_algorithm` field: how stride-1 3x3 float32 convolutions run. "direct" (XLA's
-convolution, the default), "winograd" (`conv3x3_winograd` wherever it applies) or "auto" (winograd on
-the CPU backend, direct elsewhere: cuDNN / the TPU compiler pick their own algorithms). Opt-in for
-now: with "auto" as the default, two clean-clone CI runs each had one unrelated sampling test read a
-stale or NaN result (a toy model without convolutions, after the parity tests had run Winograd
-graphs), which never reproduced in isolation; until that is understood the faster path is not the
-default."""
+convolution), "winograd" (`conv3x3_winograd` wherever it applies) or "auto", the default: Winograd
+on the CPU backend for layers of at least WINOGRAD_MIN_CHANNELS channels, direct elsewhere (cuDNN
+and the TPU compiler pick their own algorithms). Winograd gives the forward value only: derivatives
+are the direct convolution's (`_winograd_value`), and training steps run "auto" as "direct"
+(`Trainer`), where Winograd's forward did not pay (CIFAR-10 step 4.8-4.9 s direct, 5.0-5.2 s).
+
+History: an earlier "auto" default (every >= 16 px layer, Winograd's own derivatives) was withdrawn
+after two clean-clone CI runs each had one sampling test of a convolution-free toy model read a
+stale or NaN result, never reproduced in isolation. A clean-clone run with Winograd forced on for
+every eligible layer (this hook) passed whole (693 tests, the only failure the one asserting that
+"direct" does not run Winograd)."""
 
 WINOGRAD_MIN_SIZE = 16
 """Below 16x16 pixels the transforms cost more than the 2.25x fewer multiplications save (measured on
 a 2-core EPYC: 8 px 256->256 channels 11 ms direct, 15 ms Winograd; 16 px 46 ms vs 37 ms)."""
+
+WINOGRAD_MIN_CHANNELS = 128
+"""With "auto", only layers with at least this many input and output channels. Alone (2 cores,
+oneDNN, huge pages) Winograd took 0.72-0.99x direct's time at 128-256 channels, 0.76-1.23x at 64
+and 0.87-2.2x at 32; the CIFAR-10 ADM-like forward (batch 16) took 1.45 s direct, 1.30 s with
+every >= 16 px layer, 1.09 s with >= 128 channels, 1.16 s with >= 256 (PyTorch: 1.18 s): its thin
+first and last convolutions (3 -> 128, 128 -> 6 channels) lose most."""
 
 # F(2x2, 3x3) of Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016), eq. 7-8:
 # Y = A^T [(G g G^T) * (B^T d B)] A for each 4x4 input tile d (stride 2) and 3x3 filter g. Its
@@ -76,6 +89,23 @@ def conv3x3_winograd(x, kernel, precision: Precision = None):
     return jnp.stack(y, axis=2).reshape(b, h, w, -1)                  # [b, th, 2, tw, 2, O]
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _winograd_value(lhs, rhs, static):
+    """conv3x3_winograd's value with the direct convolution's derivatives
+    (`convolution.conv_tangent`, `static` its static arguments): Winograd where it is fast (the
+    forward of wide layers) and canonical convolutions for the gradients, which through
+    Winograd's own transforms made training steps slower (measured: WINOGRAD_MIN_CHANNELS)."""
+    return conv3x3_winograd(lhs, rhs, static[5])
+
+
+def _winograd_value_jvp(static, primals, tangents):
+    out = _winograd_value(*primals, static)
+    return out, convolution.conv_tangent(static, primals, tangents, out)
+
+
+_winograd_value.defjvp(_winograd_value_jvp, symbolic_zeros=True)
+
+
 def check_choice(field: str, value: str, choices) -> str:
     """`value` if it is one of `choices`, else a ValueError naming the field and the choices."""
     if value not in choices:
@@ -96,18 +126,21 @@ def _use_winograd(algorithm, lhs, rhs, window_strides, padding, lhs_dilation, rh
             and all(d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
             and lhs.dtype == rhs.dtype == jnp.float32
             and lhs.shape[1] % 2 == 0 and lhs.shape[2] % 2 == 0
-            and min(lhs.shape[1:3]) >= WINOGRAD_MIN_SIZE)
+            and min(lhs.shape[1:3]) >= WINOGRAD_MIN_SIZE
+            and (algorithm == "winograd" or min(rhs.shape[2:]) >= WINOGRAD_MIN_CHANNELS))
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, precision=None, *,
                          algorithm: str = "direct", **kwargs):
-    """`convolution.conv_general_dilated` (lax's, with loop-friendly gradients), with
-    stride-1 3x3 float32 NHWC convolutions of at least WINOGRAD_MIN_SIZE pixels routed to
-    `conv3x3_winograd` as `algorithm` (CONV_ALGORITHMS) says."""
+    """`convolution.conv_general_dilated` (lax's, with loop-friendly gradients), with the value of
+    stride-1 3x3 float32 NHWC convolutions of at least WINOGRAD_MIN_SIZE pixels computed by
+    `conv3x3_winograd` as `algorithm` (CONV_ALGORITHMS) says; derivatives stay direct."""
     if not kwargs and _use_winograd(algorithm, lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count):
-        return conv3x3_winograd(lhs, rhs, precision)
+        static = convolution.static_args(lhs, rhs, window_strides, padding, lhs_dilation,
+                                         rhs_dilation, dimension_numbers, precision)
+        return _winograd_value(lhs, rhs, static)
     return convolution.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                             rhs_dilation, dimension_numbers, feature_group_count,
                                             precision=precision, **kwargs)

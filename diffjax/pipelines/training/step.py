@@ -66,6 +66,14 @@ class Trainer:
 
     # -- losses ---------------------------------------------------------------------------------
 
+    def _training_module(self):
+        """The module the losses differentiate: conv_algorithm "auto" runs as "direct", where
+        Winograd's forward did not pay (diffjax.models.winograd.CONV_ALGORITHMS); sampling and
+        evaluation keep "auto"."""
+        if getattr(self.module, "conv_algorithm", None) == "auto":
+            return self.module.clone(conv_algorithm="direct")
+        return self.module
+
     def _model_kwargs(self, batch, key):
         """The network's conditioning inputs for a batch (with each kind's dropout for
         classifier-free training); a classifier's labels are its targets, not an input."""
@@ -76,7 +84,7 @@ class Trainer:
     def _losses(self, params, example, dropout_key):
         """Per-example terms of one (micro)batch; `example` holds x0, t, noise, weights and the
         model kwargs. Returns (objective, terms) with terms[loss] [b]."""
-        apply = functools.partial(self.module.apply, {"params": params}, train=True,
+        apply = functools.partial(self._training_module().apply, {"params": params}, train=True,
                                   rngs={"dropout": dropout_key}, **example["kwargs"])
         if self.config.task == "classifier":
             # GD's classifier_train: noised inputs, the timestep index as the model's t.
