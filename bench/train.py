@@ -172,7 +172,7 @@ def main(argv=None):
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="peak TFLOP/s per device for the MFU (default: the device's datasheet)")
     p.add_argument("--xla-cpu-flags", choices=sorted(cpu_flags.FLAG_SETS),
-                   default=cpu_flags.DEFAULT,
+                   default=cpu_flags.default(training=True),
                    help="XLA:CPU flag set (diffjax.cpu_flags), chosen before JAX starts")
     args = p.parse_args(argv)
     cpu_flags.use(args.xla_cpu_flags)

@@ -1,7 +1,7 @@
 """diffjax.cpu_flags: a flag set is chosen explicitly before JAX starts, a late choice is an error
 that says so, a flag the user set wins, and the networks still match guided-diffusion's golden
-outputs under the "onednn" and "onednn_conv" sets (the parity tests, run in a process that chose
-each); under "onednn_conv" a convolution's weight gradient matches a float64 sum too."""
+outputs under the "onednn", "onednn_conv" and "onednn_ynn" sets (the parity tests, run in a process
+that chose each); under the last two a convolution's weight gradient matches a float64 sum too."""
 import os
 import subprocess
 import sys
@@ -115,3 +115,10 @@ def test_the_networks_match_the_golden_outputs_under_the_onednn_conv_set(parity_
     run = _python(_choose("onednn_conv") + _CONV_GRADIENTS)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
     _assert_parity_under("onednn_conv", parity_dir)
+
+
+def test_the_networks_match_the_golden_outputs_under_the_onednn_ynn_set(parity_dir):
+    """The same checks in a process that chose "onednn_ynn" (the training default)."""
+    run = _python(_choose("onednn_ynn") + _CONV_GRADIENTS)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    _assert_parity_under("onednn_ynn", parity_dir)
