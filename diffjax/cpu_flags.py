@@ -28,14 +28,15 @@ from __future__ import annotations
 
 import os
 
+# oneDNN custom calls for convolutions and matrix products, XNNPACK off; each set adds its YNN choice.
+_ONEDNN_CALLS = ("--xla_cpu_experimental_onednn_custom_call=true", "--xla_cpu_use_onednn=false",
+                 "--xla_cpu_use_xnnpack=false")
 FLAG_SETS = {
-    "onednn": ("--xla_cpu_experimental_onednn_custom_call=true", "--xla_cpu_use_onednn=false",
-               "--xla_cpu_experimental_ynn_fusion_type=", "--xla_cpu_use_xnnpack=false"),
+    "onednn": _ONEDNN_CALLS + ("--xla_cpu_experimental_ynn_fusion_type=",),
     "xla": (),
     "onednn_conv": ("--xla_cpu_experimental_onednn_fusion_type=individual_convolution",
                     "--xla_cpu_experimental_ynn_fusion_type="),
-    "onednn_ynn": ("--xla_cpu_experimental_onednn_custom_call=true", "--xla_cpu_use_onednn=false",
-                   "--xla_cpu_experimental_ynn_fusion_type=reduce", "--xla_cpu_use_xnnpack=false"),
+    "onednn_ynn": _ONEDNN_CALLS + ("--xla_cpu_experimental_ynn_fusion_type=reduce",),
 }
 DEFAULT = "onednn"  # sampling and evaluation: network forward passes
 TRAINING_DEFAULT = "onednn_ynn"  # training: faster than "xla" and "onednn" (see above)

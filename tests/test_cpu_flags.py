@@ -109,16 +109,11 @@ print("ok")
 """
 
 
-def test_the_networks_match_the_golden_outputs_under_the_onednn_conv_set(parity_dir):
+@pytest.mark.parametrize("name", ["onednn_conv", "onednn_ynn"])
+def test_the_networks_match_the_golden_outputs_under_the_training_sets(parity_dir, name):
     """The forward and guidance-gradient parity tests, and a convolution's weight and input
-    gradients (what training adds) against float64, in a process that chose "onednn_conv"."""
-    run = _python(_choose("onednn_conv") + _CONV_GRADIENTS)
+    gradients (what training adds) against float64, in a process that chose `name` ("onednn_ynn"
+    is the training default)."""
+    run = _python(_choose(name) + _CONV_GRADIENTS)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
-    _assert_parity_under("onednn_conv", parity_dir)
-
-
-def test_the_networks_match_the_golden_outputs_under_the_onednn_ynn_set(parity_dir):
-    """The same checks in a process that chose "onednn_ynn" (the training default)."""
-    run = _python(_choose("onednn_ynn") + _CONV_GRADIENTS)
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
-    _assert_parity_under("onednn_ynn", parity_dir)
+    _assert_parity_under(name, parity_dir)

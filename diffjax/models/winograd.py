@@ -95,7 +95,8 @@ def _winograd_value(lhs, rhs, static):
     (`convolution.conv_tangent`, `static` its static arguments). Differentiating Winograd's own
     transforms made training steps slower (CIFAR-10 5.27 s against 5.20 s direct; the default
     job's step, 32-64 channels, 0.55-0.59 s against 0.30-0.34 s)."""
-    return conv3x3_winograd(lhs, rhs, static[5])
+    precision = static[5]  # the order of convolution.static_args
+    return conv3x3_winograd(lhs, rhs, precision)
 
 
 def _winograd_value_jvp(static, primals, tangents):
