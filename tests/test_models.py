@@ -287,6 +287,38 @@ def test_group_norm_statistics_stay_float32_under_bfloat16():
     np.testing.assert_allclose(np.asarray(got, np.float64), want.reshape(2, 8, 8, 64), atol=2e-2)
 
 
+def _group_norm_float64(x, scale, bias, groups=32, eps=1e-5):
+    """torch.nn.GroupNorm's formula, channels last, in float64 numpy (no JAX)."""
+    g = x.reshape(x.shape[0], -1, groups, x.shape[-1] // groups)
+    g = (g - g.mean((1, 3), keepdims=True)) / np.sqrt(g.var((1, 3), keepdims=True) + eps)
+    return g.reshape(x.shape) * scale + bias
+
+
+def test_group_norm_derivatives_match_finite_differences_of_the_formula():
+    """The closed-form tangent (normalization.group_norm) against central differences of the
+    float64 formula, in forward mode (jvp) and in reverse mode (vjp, by <vjp(c), v> = <c, jvp(v)>),
+    for x, scale and bias together."""
+    from diffjax.models.normalization import group_norm
+    rng = np.random.default_rng(0)
+    x, dx = 3.0 + 2.0 * rng.normal(size=(2, 4, 5, 64)), rng.normal(size=(2, 4, 5, 64))
+    scale, dscale = 1.0 + 0.1 * rng.normal(size=64), rng.normal(size=64)
+    bias, dbias = 0.1 * rng.normal(size=64), rng.normal(size=64)
+    h = 1e-4
+    want = (_group_norm_float64(x + h * dx, scale + h * dscale, bias + h * dbias)
+            - _group_norm_float64(x - h * dx, scale - h * dscale, bias - h * dbias)) / (2 * h)
+    f = lambda *a: group_norm(*a, 32, 1e-5)
+    primals = tuple(jnp.asarray(a, jnp.float32) for a in (x, scale, bias))
+    tangents = tuple(jnp.asarray(a, jnp.float32) for a in (dx, dscale, dbias))
+    value, tangent = jax.jvp(f, primals, tangents)
+    np.testing.assert_allclose(value, _group_norm_float64(x, scale, bias), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tangent, want, rtol=1e-4, atol=1e-4)
+    c = rng.normal(size=x.shape)
+    cotangents = jax.vjp(f, *primals)[1](jnp.asarray(c, jnp.float32))
+    inner = sum(float(np.sum(np.asarray(ct, np.float64) * t))
+                for ct, t in zip(cotangents, (dx, dscale, dbias)))
+    assert inner == pytest.approx(float(np.sum(c * want)), rel=1e-4)
+
+
 # --- factories and presets ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["unet_cond32", "unet_uncond32"])

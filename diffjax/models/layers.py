@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 from jax import lax
 
+from diffjax.models.normalization import group_norm
 from diffjax.models.winograd import check_choice, conv_general_dilated
 
 Dtype = Any
@@ -129,13 +130,8 @@ class GroupNorm32(nn.Module):
                              f"{self.num_groups} groups: use channel counts divisible by {self.num_groups}")
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
-        h = x.astype(jnp.float32)
-        g = h.reshape(*h.shape[:-1], self.num_groups, c // self.num_groups)
-        axes = tuple(range(1, g.ndim - 2)) + (g.ndim - 1,)
-        mean = jnp.mean(g, axis=axes, keepdims=True)
-        var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
-        g = (g - mean) * lax.rsqrt(var + self.epsilon)
-        return (g.reshape(h.shape) * scale + bias).astype(x.dtype)
+        return group_norm(x.astype(jnp.float32), scale, bias, self.num_groups,
+                          self.epsilon).astype(x.dtype)
 
 
 def upsample_nearest(x):
