@@ -319,6 +319,32 @@ def test_group_norm_derivatives_match_finite_differences_of_the_formula():
     assert inner == pytest.approx(float(np.sum(c * want)), rel=1e-4)
 
 
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_upsampled_conv_is_the_convolution_of_the_upsampled_input(kernel):
+    """layers.upsampled_conv (4 phase convolutions for 3x3) against numpy's convolution of the
+    nearest-upsampled input in float64, and its gradients against those of lax's convolution of
+    jnp.repeat-upsampled input; a stride-2 convolution is refused."""
+    rng = np.random.default_rng(1)
+    x, w = rng.normal(size=(2, 5, 6, 8)), rng.normal(size=(kernel, kernel, 8, 16)) / 8
+    up = x.repeat(2, axis=1).repeat(2, axis=2)
+    p = kernel // 2
+    padded = np.pad(up, ((0, 0), (p, p), (p, p), (0, 0)))
+    want = sum(np.einsum("bhwi,io->bhwo", padded[:, i:i + 10, j:j + 12], w[i, j])
+               for i in range(kernel) for j in range(kernel))
+    dn = ("NHWC", "HWIO", "NHWC")
+    ours = lambda x, w: layers.upsampled_conv(x, w, (1, 1), ((p, p), (p, p)), dimension_numbers=dn)
+    theirs = lambda x, w: lax.conv_general_dilated(
+        jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), w, (1, 1), ((p, p), (p, p)),
+        dimension_numbers=dn, precision=lax.Precision.HIGHEST)
+    xf, wf = jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+    np.testing.assert_allclose(ours(xf, wf), want, rtol=1e-5, atol=1e-5)
+    c = jnp.asarray(rng.normal(size=want.shape), jnp.float32)
+    for got, ref in zip(jax.vjp(ours, xf, wf)[1](c), jax.vjp(theirs, xf, wf)[1](c)):
+        assert rel_err(got, ref) <= 1e-5
+    with pytest.raises(ValueError, match="stride-1"):
+        layers.upsampled_conv(xf, wf, (2, 2), ((p, p), (p, p)), dimension_numbers=dn)
+
+
 # --- factories and presets ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["unet_cond32", "unet_uncond32"])

@@ -22,6 +22,10 @@ Two kernel choices are module fields, threaded from the model down to every bloc
 * `attention_impl` (ATTENTION_IMPLS): guided-diffusion's einsum attention (the default) or
   `jax.nn.dot_product_attention` (XLA, or cuDNN flash attention on NVIDIA GPUs).
 
+A nearest-neighbour upsampling followed by a convolution (Upsample, and ResBlock with `up`) runs
+as `upsampled_conv`: four 2x2 convolutions of the small input, one per output phase, 2.25x fewer
+products than convolving the upsampled image (same parameters, same values to float32 rounding).
+
 Precision: `precision=None` means `lax.Precision.HIGHEST` for float32 compute (no silent TF32 /
 bf16-pass matmuls on GPU or TPU; on CPU it costs nothing) and the backend default for bfloat16.
 """
@@ -86,21 +90,25 @@ def torch_bias_init(fan_in: int):
 
 def conv(features: int, in_features: int, kernel_size: int = 3, *, ndim: int = 2, stride: int = 1,
          zero_init: bool = False, dtype: Dtype = jnp.float32, precision: Precision = None,
-         algorithm: str = "direct", name: Optional[str] = None) -> nn.Conv:
+         algorithm: str = "direct", upsample: bool = False,
+         name: Optional[str] = None) -> nn.Conv:
     """A PyTorch-equivalent `conv_nd(ndim, in, features, k, stride, padding=k // 2)`.
 
     ndim=1 is guided-diffusion's 1x1 `conv_nd(1, ...)` over tokens `[B, T, C]`; its Flax kernel is
     `[1, in, out]` (PyTorch `[out, in, 1]`). `zero_init` is guided-diffusion's `zero_module`.
     `algorithm`: CONV_ALGORITHMS (3x3 convolutions only; the parameters do not depend on it).
+    `upsample`: the layer takes x [B, H, W, C] and returns the convolution of upsample_nearest(x),
+    [B, 2H, 2W, features] (`upsampled_conv`; 1x1 and 3x3, stride 1), with the same parameters.
     """
     fan_in = in_features * kernel_size ** ndim
     pad = kernel_size // 2
+    conv_fn = upsampled_conv if upsample else conv_general_dilated
     return nn.Conv(
         features, (kernel_size,) * ndim, strides=stride, padding=((pad, pad),) * ndim,
         dtype=dtype, param_dtype=jnp.float32, precision=default_precision(dtype, precision),
         kernel_init=nn.initializers.zeros if zero_init else torch_kernel_init,
         bias_init=nn.initializers.zeros if zero_init else torch_bias_init(fan_in),
-        conv_general_dilated=functools.partial(conv_general_dilated, algorithm=algorithm), name=name)
+        conv_general_dilated=functools.partial(conv_fn, algorithm=algorithm), name=name)
 
 
 def linear(features: int, in_features: int, *, dtype: Dtype = jnp.float32,
@@ -141,6 +149,51 @@ def upsample_nearest(x):
     return x.reshape(b, 2 * h, 2 * w, c)
 
 
+def _merge_taps(kernel, axis: int, phase: int):
+    """The 3 taps of a 3x3 kernel along `axis` (0: rows, 1: columns) as the 2 that a nearest-
+    upsampled input's output `phase` sees: phase 0 reads pixels (i - 1, i, i) -> taps
+    [k0, k1 + k2]; phase 1 reads (i, i, i + 1) -> [k0 + k1, k2]."""
+    k0, k1, k2 = (lax.index_in_dim(kernel, i, axis, keepdims=False) for i in range(3))
+    return jnp.stack([k0, k1 + k2] if phase == 0 else [k0 + k1, k2], axis=axis)
+
+
+def upsampled_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                   dimension_numbers=None, feature_group_count=1, precision=None, *,
+                   algorithm: str = "direct"):
+    """conv(upsample_nearest(lhs), rhs) for a stride-1 'same' NHWC convolution, computed on lhs
+    [B, H, W, C] -> [B, 2H, 2W, O] (the signature of lax.conv_general_dilated, for nn.Conv).
+
+    1x1: upsample(conv(lhs)), 4x fewer products. 3x3 (pad 1): output pixel (2i + a, 2j + b) reads
+    input rows (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1 (columns alike), so each of the
+    4 phases (a, b) is a 2x2 convolution of lhs with the kernel's taps summed accordingly
+    (`_merge_taps`): 16 products per input pixel and output channel instead of 36, in the forward
+    and in both gradients. Equal to the upsample-then-convolve to float32 rounding (the summed
+    taps round once more); the interleave of the phases is one pass over the output.
+    """
+    kh, kw = rhs.shape[:2]
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    pads = [tuple(p) for p in padding] if not isinstance(padding, str) else padding
+    if (lhs.ndim != 4 or (kh, kw) not in ((1, 1), (3, 3)) or tuple(window_strides) != (1, 1)
+            or pads != [(kh // 2, kh // 2)] * 2 or feature_group_count != 1
+            or any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+            or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc):
+        raise ValueError(f"upsampled_conv takes stride-1 'same' 1x1 or 3x3 NHWC convolutions; got "
+                         f"kernel {rhs.shape}, strides {window_strides}, padding {padding}")
+    conv = functools.partial(conv_general_dilated, window_strides=(1, 1), dimension_numbers=nhwc,
+                             precision=precision, algorithm=algorithm)
+    if kh == 1:
+        return upsample_nearest(conv(lhs, rhs, padding=((0, 0), (0, 0))))
+    phases = []
+    for a in (0, 1):
+        rows = _merge_taps(rhs, 0, a)
+        for b in (0, 1):
+            phases.append(conv(lhs, _merge_taps(rows, 1, b),
+                               padding=((1 - a, a), (1 - b, b))))            # [B, H, W, O] each
+    n, h, w, _ = lhs.shape
+    out = jnp.stack(phases).reshape((2, 2, n, h, w, -1))                     # [a, b, B, H, W, O]
+    return jnp.transpose(out, (2, 3, 0, 4, 1, 5)).reshape(n, 2 * h, 2 * w, -1)
+
+
 def avg_pool2(x):
     """nn.AvgPool2d(kernel_size=2, stride=2) (odd sizes floor): [B, H, W, C] -> [B, H//2, W//2, C]."""
     return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID")
@@ -179,11 +232,11 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = upsample_nearest(x)
-        if self.use_conv:
-            x = conv(self.out_channels or x.shape[-1], x.shape[-1], 3, dtype=self.dtype,
-                     precision=self.precision, algorithm=self.conv_algorithm, name="conv")(x)
-        return x
+        if not self.use_conv:
+            return upsample_nearest(x)
+        return conv(self.out_channels or x.shape[-1], x.shape[-1], 3, dtype=self.dtype,
+                    precision=self.precision, algorithm=self.conv_algorithm, upsample=True,
+                    name="conv")(x)
 
 
 class Downsample(nn.Module):
@@ -236,12 +289,11 @@ class ResBlock(nn.Module):
         channels = x.shape[-1]
         out_ch = self.out_channels or channels
         h = nn.silu(GroupNorm32(name="in_layers_0")(x))
-        if self.up:
-            h, x = upsample_nearest(h), upsample_nearest(x)
-        elif self.down:
+        if self.down:
             h, x = avg_pool2(h), avg_pool2(x)
+        # `up`: the convolutions take the upsampling (`upsampled_conv`, the same values).
         h = conv(out_ch, channels, 3, dtype=self.dtype, precision=self.precision,
-                 algorithm=self.conv_algorithm, name="in_layers_2")(h)
+                 algorithm=self.conv_algorithm, upsample=self.up, name="in_layers_2")(h)
 
         emb_ch = 2 * out_ch if self.use_scale_shift_norm else out_ch
         emb_out = linear(emb_ch, emb.shape[-1], precision=self.precision,
@@ -259,7 +311,9 @@ class ResBlock(nn.Module):
         if out_ch != channels:
             x = conv(out_ch, channels, 3 if self.use_conv else 1, dtype=self.dtype,
                      precision=self.precision, algorithm=self.conv_algorithm,
-                     name="skip_connection")(x)
+                     upsample=self.up, name="skip_connection")(x)
+        elif self.up:
+            x = upsample_nearest(x)
         return x + h
 
 
