@@ -227,6 +227,22 @@ def test_nonfinite_step_changes_nothing_but_the_counters(class_cond):
     assert (int(again.bad_steps), int(again.skipped)) == (0, 1)
 
 
+def test_a_step_to_non_finite_weights_is_skipped():
+    """Finite loss and gradient, non-finite new weights: Adam with eps = 0 divides 0 by 0 for the
+    embedding rows of the classes missing from the batch. The step is skipped like a NaN loss."""
+    config = tiny_config()
+    config.optim = dict(lr=1e-3, eps=0.0)
+    trainer, _, _ = T.trainer_from_config(config)
+    state = trainer.init(jax.random.PRNGKey(0))
+    batch = toy_batch()
+    batch["label"][:] = 0
+    new, metrics = jax.jit(trainer.train_step)(state, batch)
+    assert np.isfinite(float(metrics["objective"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert not bool(metrics["finite"])
+    assert (int(new.bad_steps), int(new.skipped)) == (1, 1)
+    jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
+
+
 @pytest.mark.slow  # a run with a checkpoint then 20 non-finite steps: ~30 s on 2 cores
 def test_run_stops_after_max_bad_steps_and_keeps_the_last_checkpoint(tmp_path):
     """lr 1e30: the first update sends the weights to ~1e30, every later forward pass overflows;
