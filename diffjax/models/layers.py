@@ -41,7 +41,7 @@ import flax.linen as nn
 from jax import lax
 
 from diffjax.models.normalization import group_norm
-from diffjax.models.winograd import check_choice, conv_general_dilated
+from diffjax.models.winograd import check_choice, conv_general_dilated, is_same_nhwc
 
 Dtype = Any
 Precision = Any
@@ -170,18 +170,15 @@ def upsampled_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
     and in both gradients. Equal to the upsample-then-convolve to float32 rounding (the summed
     taps round once more); the interleave of the phases is one pass over the output.
     """
-    kh, kw = rhs.shape[:2]
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    pads = [tuple(p) for p in padding] if not isinstance(padding, str) else padding
-    if (lhs.ndim != 4 or (kh, kw) not in ((1, 1), (3, 3)) or tuple(window_strides) != (1, 1)
-            or pads != [(kh // 2, kh // 2)] * 2 or feature_group_count != 1
-            or any(d != 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
-            or lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != nhwc):
+    if rhs.shape[:2] not in ((1, 1), (3, 3)) or not is_same_nhwc(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+            feature_group_count):
         raise ValueError(f"upsampled_conv takes stride-1 'same' 1x1 or 3x3 NHWC convolutions; got "
                          f"kernel {rhs.shape}, strides {window_strides}, padding {padding}")
-    conv = functools.partial(conv_general_dilated, window_strides=(1, 1), dimension_numbers=nhwc,
-                             precision=precision, algorithm=algorithm)
-    if kh == 1:
+    conv = functools.partial(conv_general_dilated, window_strides=(1, 1),
+                             dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=precision,
+                             algorithm=algorithm)
+    if rhs.shape[0] == 1:
         return upsample_nearest(conv(lhs, rhs, padding=((0, 0), (0, 0))))
     phases = []
     for a in (0, 1):

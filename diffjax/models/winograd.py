@@ -114,17 +114,29 @@ def check_choice(field: str, value: str, choices) -> str:
     return value
 
 
+def is_same_nhwc(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1) -> bool:
+    """Whether lax.conv_general_dilated's arguments describe a plain 2-D NHWC / HWIO convolution
+    with stride 1, 'same' padding k // 2 on every side of a k x k kernel, no dilation or groups."""
+    if lhs.ndim != 4 or rhs.shape[0] != rhs.shape[1] or feature_group_count != 1:
+        return False
+    pad = rhs.shape[0] // 2
+    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    return (not isinstance(padding, str)
+            and [tuple(p) for p in padding] == [(pad, pad), (pad, pad)]
+            and tuple(window_strides) == (1, 1)
+            and all(d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
+
+
 def _use_winograd(algorithm, lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                   dimension_numbers, feature_group_count) -> bool:
     check_choice("conv_algorithm", algorithm, CONV_ALGORITHMS)
     if algorithm == "direct" or (algorithm == "auto" and jax.default_backend() != "cpu"):
         return False
-    if lhs.ndim != 4 or rhs.shape[:2] != (3, 3) or feature_group_count != 1:
-        return False
-    nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
-    return (lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc
-            and tuple(window_strides) == (1, 1) and [tuple(p) for p in padding] == [(1, 1), (1, 1)]
-            and all(d == 1 for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+    return (rhs.shape[:2] == (3, 3)
+            and is_same_nhwc(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                             dimension_numbers, feature_group_count)
             and lhs.dtype == rhs.dtype == jnp.float32
             and lhs.shape[1] % 2 == 0 and lhs.shape[2] % 2 == 0
             and min(lhs.shape[1:3]) >= WINOGRAD_MIN_SIZE
