@@ -64,4 +64,5 @@ def _group_norm_jvp(num_groups, epsilon, primals, tangents):
     xhat = centred * rstd
     dxhat = rstd * (dx - _group_mean(dx, num_groups)
                     - xhat * _group_mean(dx * xhat, num_groups))
-    return xhat * scale + bias, dxhat * scale + xhat * dscale + dbias
+    y = centred * (rstd * scale) + bias  # group_norm's own expression: the same rounding
+    return y, dxhat * scale + xhat * dscale + dbias
