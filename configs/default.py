@@ -1,9 +1,7 @@
 """The bundled default: a class-conditional, classifier-free-guided ADM UNet on real Fashion-MNIST
-(28x28 padded to 32x32 with -1), trained in under 10 minutes on a 2-core CPU (with
-`--xla_cpu_flags onednn_conv`), then sampled.
+(28x28 padded to 32x32 with -1), trained in about 7 minutes on a 2-core CPU, then sampled.
 
-    python -m diffjax train --config configs/default.py --workdir runs/default \
-        --xla_cpu_flags onednn_conv
+    python -m diffjax train --config configs/default.py --workdir runs/default --hugepages
 
 Against the original code's recipe (../shared/design/TARGETS.md: 32 ch UNet with attention at 8x8
 and BigGAN up/down resblocks, lr 2e-4, batch 32, EMA 0.999 without warm-up, 1300 steps, DDIM-50):
@@ -16,11 +14,11 @@ and BigGAN up/down resblocks, lr 2e-4, batch 32, EMA 0.999 without warm-up, 1300
 * label dropout 0.1 (classifier-free guidance, scale 2 at sampling);
 * ancestral sampling with the learned variances over 40 respaced steps: with an undertrained
   model it gives clean samples where DDIM keeps speckle;
-* 1500 steps, and bits/dim on 200 test images: with `--xla_cpu_flags onednn_conv` (oneDNN
-  convolutions: ~0.29 s per step here instead of ~0.40 s) the whole job (compile, train, grid,
-  bits/dim) took 8:45 on 2 cores; with XLA's default flags 10:40 (the same final loss and bits/dim
-  to 1e-6). 900 steps, before the train step's compile fell from minutes to
-  seconds, took 6:47; 1500 gives a better sandals row and 3.04 instead of 3.20 bits/dim.
+* 1500 steps, and bits/dim on 200 test images: under the training flag set "onednn_ynn"
+  (diffjax.cpu_flags; ~0.21 s per step) the whole job (compile, train, grid, bits/dim) took 6:47
+  on 2 cores, 3.04 +- 0.36 bits/dim; under "onednn_conv" (~0.29 s per step) 8:25-8:45, with
+  XLA's own flags 10:40 (those two: the same final loss and bits/dim to 1e-6). 1500 steps give a
+  better sandals row than 900 and 3.04 instead of 3.20 bits/dim.
 """
 import ml_collections
 
