@@ -14,6 +14,13 @@ GOLDEN_SCHEDULES = {
     "d_linear_r50": dict(noise_schedule="linear", timestep_respacing="50"),
 }
 
+# The tables that go through np.log. +, -, *, / and sqrt are correctly rounded on every CPU; NumPy's
+# log is not the same function everywhere: on AVX-512 CPUs (where the golden vectors were written)
+# it is Intel's SVML, elsewhere the C library's. They differ by one unit in the last place on ~2 %
+# of log(1 - alphas_cumprod) (19 of the linear schedule's 1000; the C library's value was the
+# correctly rounded one in 18). GD's own code run on the same machine gives the same as ours.
+LOG_TABLES = ("log_one_minus_alphas_cumprod", "posterior_log_variance_clipped")
+
 
 @pytest.mark.parametrize("name", sorted(GOLDEN_SCHEDULES))
 def test_compat_tables_equal_gd_float64(golden, name):
@@ -22,8 +29,10 @@ def test_compat_tables_equal_gd_float64(golden, name):
     for table in S.TABLE_NAMES:
         ref = g[f"sched.{name}.{table}"]
         assert ref.dtype == np.float64
-        # Same float64 operations in the same order: bit-identical, not merely close.
-        np.testing.assert_array_equal(getattr(gd, table), ref, err_msg=table)
+        if table in LOG_TABLES:
+            np.testing.assert_array_max_ulp(getattr(gd, table), ref, maxulp=1)
+        else:  # Same float64 operations in the same order: bit-identical, not merely close.
+            np.testing.assert_array_equal(getattr(gd, table), ref, err_msg=table)
     np.testing.assert_array_equal(gd.timestep_map, g[f"sched.{name}.timestep_map"])
     assert gd.num_timesteps == len(g[f"sched.{name}.betas"])
 
